@@ -1,0 +1,82 @@
+"""Collect the embeddings a module's validation/test step returns, gathered across ranks.
+
+Every module's `validation_step` returns `{"embeddings", "labels", "index"}` from `embed()`;
+evaluator callbacks subclass `EmbeddingCallback` and only implement `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from lightning import Callback
+
+from shared.distributed import gather_by_index
+
+
+class EmbeddingCallback(Callback):
+    """Accumulates step outputs per dataloader; at epoch end gathers them once, by index."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = every_n_epochs
+        self._parts: dict[int, list[dict]] = defaultdict(list)
+
+    def _due(self, trainer) -> bool:
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        return trainer.sanity_checking is False and (
+            (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last
+        )
+
+    def _reset(self, *_args) -> None:
+        self._parts = defaultdict(list)
+
+    def _collect(self, outputs, dataloader_idx: int) -> None:
+        if outputs is None:
+            return
+        self._parts[dataloader_idx].append({k: v.detach() for k, v in outputs.items()})
+
+    def gathered(self) -> dict[int, dict[str, torch.Tensor]]:
+        """{dataloader_idx: {"index", "embeddings", "labels"}} de-duplicated, on the CPU."""
+        result = {}
+        for i in sorted(self._parts):
+            parts = self._parts[i]
+            cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            index, emb, labels = gather_by_index(cat["index"], cat["embeddings"], cat["labels"])
+            result[i] = {"index": index.cpu(), "embeddings": emb.float().cpu(),
+                         "labels": labels.cpu()}
+        return result
+
+    # Lightning hooks -----------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._reset()
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        if self._due(trainer):
+            self._collect(outputs, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                          dataloader_idx=0):
+        self._collect(outputs, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._parts:
+            self._log(trainer, pl_module, self.evaluate(self.gathered(), trainer), "val")
+        self._reset()
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        if self._parts:
+            self._log(trainer, pl_module, self.evaluate(self.gathered(), trainer), "test")
+        self._reset()
+
+    def _log(self, trainer, pl_module, metrics: dict[str, float], stage: str) -> None:
+        # Every rank computed the same numbers from the same gathered data: no reduction.
+        for name, value in metrics.items():
+            pl_module.log(f"{stage}/{name}", float(value), sync_dist=False,
+                          add_dataloader_idx=False, prog_bar=name == getattr(self, "prog", ""))
+
+    def evaluate(self, data: dict[int, dict[str, torch.Tensor]], trainer) -> dict[str, float]:
+        raise NotImplementedError

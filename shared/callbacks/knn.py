@@ -1,0 +1,64 @@
+"""Online weighted kNN evaluation (the DINO protocol) with FAISS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shared.callbacks.embeddings import EmbeddingCallback
+from shared.retrieval.knn import knn_accuracy
+
+
+class KNNCallback(EmbeddingCallback):
+    """Top-1 of a weighted kNN vote: bank = dataloader 0 (train, un-augmented), queries = 1.
+
+    Weight exp(sim / T) with T = 0.07 over the k nearest L2-normalised bank features
+    (Wu et al. 2018; Caron et al. 2021). Logs `<stage>/knn_top1@k` for each k (capped at the
+    bank size) and keeps a JSON history + PNG curve in the run directory.
+    """
+
+    def __init__(
+        self,
+        ks: tuple[int, ...] = (10, 20, 100, 200),
+        temperature: float = 0.07,
+        every_n_epochs: int = 1,
+        bank_loader: int = 0,
+        query_loader: int = 1,
+        device: str = "auto",
+        history_dir: str | None = None,
+    ) -> None:
+        super().__init__(every_n_epochs)
+        self.ks, self.temperature, self.device = tuple(ks), temperature, device
+        self.bank_loader, self.query_loader = bank_loader, query_loader
+        self.history_dir = history_dir
+        self.history: list[dict] = []
+        self.prog = "knn_top1@20"
+
+    def evaluate(self, data, trainer) -> dict[str, float]:
+        bank, query = data[self.bank_loader], data[self.query_loader]
+        acc = knn_accuracy(
+            bank["embeddings"], bank["labels"], query["embeddings"], query["labels"],
+            ks=self.ks, temperature=self.temperature,
+        )
+        metrics = {f"knn_top1@{k}": v for k, v in acc.items()}
+        if not trainer.sanity_checking and trainer.is_global_zero and self.history_dir:
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                                 **metrics})
+            self._write_history(Path(self.history_dir))
+        return metrics
+
+    def _write_history(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "knn_history.json.tmp"
+        tmp.write_text(json.dumps(self.history, indent=1))
+        tmp.replace(out / "knn_history.json")
+        from shared.plots import plot_curves
+
+        plot_curves(self.history, x="epoch", keys=[k for k in self.history[-1] if "@" in k],
+                    path=out / "knn_curve.png", ylabel="kNN top-1")
+
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict):
+        self.history = list(state_dict.get("history", []))

@@ -1,0 +1,39 @@
+"""Gathering per-sample results across ranks without counting sampler padding twice."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank (dim 0 may differ in length between ranks)."""
+    if world_size() == 1:
+        return tensor
+    n = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+def gather_by_index(index: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather (index, values...) from all ranks; keep one row per index, sorted by index.
+
+    DistributedSampler pads the last batch with repeated samples; keying rows by their
+    dataset index removes the repeats, so the result is identical to a single process.
+    """
+    index = all_gather_cat(index)
+    gathered = [all_gather_cat(v) for v in values]
+    unique, inverse = torch.unique(index, return_inverse=True)
+    first = torch.full((len(unique),), len(index), dtype=torch.long, device=index.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(index), device=index.device), "amin")
+    return (unique, *[g[first] for g in gathered])

@@ -1,0 +1,120 @@
+"""A timm model as a feature extractor, with weights only from a local file.
+
+Run time never touches a model hub: `pretrained_path` is a file the user downloaded
+themselves (a timm/torchvision state dict or a Lightning checkpoint).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+
+def _unknown_model_error(name: str) -> ValueError:
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    if not close:  # fall back to a family match, e.g. "resnet" -> resnet18, resnet50
+        close = [n for n in names if n.startswith(name.split("_")[0])][:5]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(f"backbone.name={name!r} is not a timm model.{hint}")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights from a local .pth/.pt/.bin/.safetensors/.ckpt file (weights_only)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone.pretrained_path={str(path)!r} does not exist. Pretrained weights are "
+            "read only from a local file: download them once, then point the config at it."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model by name, classifier removed.
+
+    `features_only=False`: `forward` returns pooled features [B, num_features].
+    `features_only=True`: `forward` returns the feature maps picked by `out_indices`
+    (default the two deepest stages, what DOLG needs), channels in `feature_channels`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        pretrained_path: str | None = None,
+        features_only: bool = False,
+        out_indices: list[int] | None = None,
+        drop_path_rate: float = 0.0,
+        img_size: int | None = None,
+        strict: bool = True,
+        **timm_kwargs,
+    ) -> None:
+        super().__init__()
+        if pretrained and not pretrained_path:
+            raise ValueError(
+                f"backbone.pretrained=true for {name!r} but no backbone.pretrained_path: "
+                "weights are never downloaded from a hub at run time (runs are offline). "
+                "Download the weights once and set backbone.pretrained_path=/path/to/file."
+            )
+        if not timm.is_model(name):
+            raise _unknown_model_error(name)
+        kwargs: dict = {"pretrained": False, "num_classes": 0, **timm_kwargs}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        self.name = name
+        self.features_only = features_only
+        if features_only:
+            kwargs.pop("num_classes")
+            n_stages = len(timm.create_model(name, **kwargs).feature_info)
+            out_indices = list(out_indices) if out_indices else [n_stages - 2, n_stages - 1]
+            self.model = timm.create_model(
+                name, features_only=True, out_indices=tuple(out_indices), **kwargs
+            )
+            self.feature_channels = list(self.model.feature_info.channels())
+            self.feature_strides = list(self.model.feature_info.reduction())
+            self.num_features = self.feature_channels[-1]
+        else:
+            self.model = timm.create_model(name, **kwargs)
+            self.num_features = self.model.num_features
+            self.feature_channels = [self.num_features]
+        if pretrained_path:
+            self._load(pretrained_path, strict)
+
+    def _load(self, path: str, strict: bool) -> None:
+        state = _strip_prefixes(load_state_dict_file(path))
+        missing, _ = self.model.load_state_dict(state, strict=False)
+        if strict and missing:
+            raise ValueError(
+                f"backbone.pretrained_path={path!r} does not fit {self.name!r}: "
+                f"{len(missing)} missing keys, e.g. {missing[:5]}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.model(x)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes that checkpoints add ("module.", "backbone.model.", ...)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone.model.", "backbone.", "model.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out

@@ -1,0 +1,155 @@
+"""Supervised metric learning: an embedding net (CGD or DOLG) + an ArcFace-family head.
+
+Used by both pipelines: `module=cgd|dolg` in ssl/, and the product-matching model.
+Everything is built from plain values, so a checkpoint rebuilds the module on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from shared.data.augment import EvalTransform, TrainTransform
+from shared.models.cgd import CGDNet, batch_hard_triplet_loss, cgd_aux_loss
+from shared.models.dolg import DOLGNet
+from shared.models.margin_heads import ArcFaceHead
+from shared.modules.base import EmbeddingModule
+
+log = logging.getLogger(__name__)
+
+
+def build_embedding_net(model: dict, backbone: dict, num_classes: int | None):
+    """`model.type` picks the architecture; `backbone` is the backbone group's plain values."""
+    kwargs = {k: v for k, v in model.items() if k != "type"}
+    kind = model.get("type")
+    if kind == "dolg":
+        return DOLGNet(backbone["name"], pretrained_path=backbone.get("pretrained_path"),
+                       **kwargs)
+    if kind == "cgd":
+        bb = {k: v for k, v in backbone.items() if k not in ("name", "features_only",
+                                                            "out_indices")}
+        return CGDNet(backbone["name"], num_classes=num_classes, backbone_kwargs=bb, **kwargs)
+    raise ValueError(f"module.model.type must be 'cgd' or 'dolg', got {kind!r}")
+
+
+class MetricLearningModule(EmbeddingModule):
+    """Embedding net + ArcFace / Sub-center ArcFace head (+ CGD's auxiliary and triplet losses).
+
+    `num_classes` and `class_counts` (for dynamic margins) are read from the data module at
+    `setup` when not given, then saved as hyper-parameters so the checkpoint is complete.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        backbone: dict,
+        head: dict,
+        num_classes: int | None = None,
+        class_counts: list[int] | None = None,
+        dynamic_margins: bool = False,
+        lr: float = 1e-3,
+        backbone_lr_mult: float = 0.1,
+        head_lr_mult: float = 10.0,
+        weight_decay: float = 1e-4,
+        warmup_epochs: int = 1,
+        min_lr_ratio: float = 0.01,
+        aux_weight: float = 1.0,
+        aux_label_smoothing: float = 0.1,
+        triplet_weight: float = 0.0,
+        triplet_margin: float = 0.1,
+        train_transform: dict | None = None,
+        eval_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = None
+        self.head = None
+        self.train_transform = TrainTransform(**(train_transform or {"size": 64}))
+        self.eval_transform = EvalTransform(eval_size)
+        if num_classes is not None:
+            self._build(num_classes, class_counts)
+
+    def _build(self, num_classes: int, class_counts: list[int] | None) -> None:
+        hp = self.hparams
+        self.net = build_embedding_net(hp.model, hp.backbone, num_classes)
+        dim = self.net.embedding_dim
+        counts = class_counts if hp.dynamic_margins else None
+        self.head = ArcFaceHead(dim, num_classes, class_counts=counts, **hp.head)
+
+    def setup(self, stage: str) -> None:
+        if self.net is not None:
+            return
+        dm = self.trainer.datamodule
+        counts = dm.train_class_counts()
+        singletons = sum(1 for c in counts if c == 1)
+        if singletons:
+            log.warning(
+                "%d of %d classes have a single training image: ArcFace can still learn a "
+                "class centre from one image, but it gets no positive pair to pull together; "
+                "they remain useful as gallery items at evaluation.", singletons, len(counts))
+        self.hparams.num_classes = dm.num_classes
+        self.hparams.class_counts = counts if self.hparams.dynamic_margins else None
+        self._build(dm.num_classes, counts)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(self.eval_transform(images)).float(), dim=-1)
+
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        x = self.train_transform(batch["images"])
+        labels = batch["labels"]
+        self.head.set_step(self.global_step)
+        logs = {}
+        if hp.model.get("type") == "cgd" and self.net.aux_head is not None and hp.aux_weight:
+            embedding, aux_logits = self.net.forward_with_aux(x)
+            aux = cgd_aux_loss(aux_logits.float(), labels, hp.aux_label_smoothing)
+            logs["train/aux_loss"] = aux
+        else:
+            embedding, aux = self.net(x), 0.0
+        arc, logits = self.head(embedding, labels)
+        loss = arc + hp.aux_weight * aux
+        logs["train/arcface_loss"] = arc
+        if hp.triplet_weight:
+            trip = batch_hard_triplet_loss(F.normalize(embedding.float(), dim=-1), labels,
+                                           hp.triplet_margin)
+            loss = loss + hp.triplet_weight * trip
+            logs["train/triplet_loss"] = trip
+        logs["train/loss"] = loss
+        logs["train/acc"] = (logits.argmax(1) == labels).float().mean()
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(labels))
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(labels))
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        backbone = list(self.net.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        neck = [p for p in self.net.parameters() if id(p) not in ids]
+        groups = [
+            {"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
+            {"params": neck, "lr": hp.lr},
+            {"params": self.head.parameters(), "lr": hp.lr * hp.head_lr_mult},
+        ]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total - 1, hp.warmup_epochs * total // max(1, self.trainer.max_epochs or 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total,
+                                                                    hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class WarmupCosine:
+    """lr factor: linear warm-up, then cosine to `min_ratio` (a picklable LambdaLR callable)."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))

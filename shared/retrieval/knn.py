@@ -1,0 +1,95 @@
+"""Weighted k-nearest-neighbour classification, the standard SSL evaluation.
+
+Protocol of Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination") as used by DINO (Caron et al. 2021): cosine similarity on L2-normalised
+features, each of the k nearest bank items votes for its class with weight exp(sim / T),
+T = 0.07, top-1 accuracy reported for k = 10, 20, 100, 200.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.retrieval.search import as_float32_matrix, knn_search, l2_normalize
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def weighted_knn_vote(
+    sims: Any, neighbour_labels: Any, num_classes: int, temperature: float = 0.07
+) -> Any:
+    """Class scores [Nq, C]: sum over neighbours of exp(sim / T) into each neighbour's class.
+
+    `sims` and `neighbour_labels` are [Nq, k]. Neighbours with a negative label (e.g. the -1
+    FAISS returns for a missing result) do not vote. Returns the kind of `sims` (torch or
+    numpy), float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    as_numpy = not isinstance(sims, torch.Tensor)
+    s = _as_tensor(sims).float()
+    lab = _as_tensor(neighbour_labels).to(s.device, torch.long)
+    if s.shape != lab.shape or s.ndim != 2:
+        raise ValueError(f"sims {tuple(s.shape)}, labels {tuple(lab.shape)}: need equal [Nq, k]")
+    if lab.numel() and int(lab.max()) >= num_classes:
+        raise ValueError(f"a neighbour label is >= num_classes={num_classes}")
+    valid = lab >= 0
+    weights = torch.where(valid, (s / temperature).exp(), torch.zeros_like(s))
+    scores = torch.zeros(s.shape[0], num_classes, dtype=torch.float32, device=s.device)
+    scores.scatter_add_(1, lab.clamp(min=0), weights)
+    return scores.cpu().numpy() if as_numpy else scores
+
+
+def knn_accuracy(
+    bank_features: Any,
+    bank_labels: Any,
+    query_features: Any,
+    query_labels: Any,
+    ks: Iterable[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 8192,
+    device: str = "auto",
+) -> dict[int, float]:
+    """Weighted kNN top-1 accuracy of the queries against the bank, for each k in `ks`.
+
+    Features are L2-normalised here (a no-op if they already are). One search with the
+    largest k serves every k: the top-k is a prefix of the top-max(k). Each k is capped at
+    the bank size, and ks that become equal after capping share one key. Queries are voted
+    `chunk_size` at a time so the [chunk, C] score matrix stays small.
+    """
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be non-empty and >= 1, got {ks}")
+    bank = l2_normalize(as_float32_matrix(bank_features, "bank_features"))
+    query = l2_normalize(as_float32_matrix(query_features, "query_features"))
+    bank_y = _as_tensor(bank_labels).long().cpu().reshape(-1)
+    query_y = _as_tensor(query_labels).long().cpu().reshape(-1)
+    if bank_y.numel() != bank.shape[0] or query_y.numel() != query.shape[0]:
+        raise ValueError("labels must have one entry per feature row")
+    if num_classes is None:
+        num_classes = int(max(bank_y.max(), query_y.max())) + 1 if bank_y.numel() else 0
+
+    capped = sorted({min(k, bank.shape[0]) for k in ks})
+    sims, idx = knn_search(query, bank, capped[-1], device=device, chunk_size=chunk_size)
+    sims_t = torch.from_numpy(sims)
+    idx_t = torch.from_numpy(idx)
+
+    correct = dict.fromkeys(capped, 0)
+    for start in range(0, query.shape[0], chunk_size):
+        stop = min(start + chunk_size, query.shape[0])
+        chunk_idx = idx_t[start:stop]
+        neighbour_y = torch.where(chunk_idx >= 0, bank_y[chunk_idx.clamp(min=0)], -1)
+        truth = query_y[start:stop]
+        for k in capped:
+            scores = weighted_knn_vote(
+                sims_t[start:stop, :k], neighbour_y[:, :k], num_classes, temperature
+            )
+            correct[k] += int((scores.argmax(dim=1) == truth).sum())
+    return {k: correct[k] / query.shape[0] for k in capped}

@@ -1,0 +1,143 @@
+"""Nearest-neighbour search by inner product with FAISS.
+
+Cosine similarity is inner product of L2-normalised vectors, so `l2_normalize` then
+`knn_search` gives exact cosine top-k (FAISS `IndexFlatIP` equals matmul + top-k).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+# FAISS GPU indices cannot return more neighbours than this (a limit of its GPU k-select).
+GPU_MAX_K = 2048
+
+
+def l2_normalize(x: Any, eps: float = 1e-12) -> Any:
+    """Scale each row (last axis) to unit L2 norm; rows of zeros stay zero.
+
+    Works on torch tensors and numpy arrays and returns the same kind, so the caller's device
+    and dtype are kept.
+    """
+    if isinstance(x, torch.Tensor):
+        return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=eps)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"l2_normalize needs a float array, got {x.dtype}")
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, eps).astype(x.dtype, copy=False)
+
+
+def as_float32_matrix(x: Any, name: str) -> np.ndarray:
+    """A C-contiguous float32 [N, D] numpy copy (or view) of `x`, the layout FAISS needs."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {x.shape}")
+    return x
+
+
+def _use_gpu(device: str) -> bool:
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cpu":
+        return False
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if n_gpus > 0:
+        return True
+    if device == "cuda":
+        warnings.warn(
+            "knn_search(device='cuda'): this FAISS build has no GPU support (faiss-cpu); "
+            "searching on CPU instead",
+            stacklevel=3,
+        )
+    return False
+
+
+def default_nlist(n_gallery: int) -> int:
+    """IVF cell count ~ 4 * sqrt(N) (FAISS wiki guideline), never more cells than points."""
+    return max(1, min(n_gallery, int(round(4 * math.sqrt(n_gallery)))))
+
+
+def knn_search(
+    queries: Any,
+    gallery: Any,
+    k: int,
+    *,
+    device: str = "auto",
+    index: str = "flat",
+    nlist: int | None = None,
+    nprobe: int = 16,
+    chunk_size: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k gallery items by inner product for every query.
+
+    Inputs are torch tensors or numpy arrays [N, D], expected already L2-normalised (then the
+    scores are cosine similarities). `k` is capped at the gallery size, so the result may have
+    fewer than `k` columns. Rows are sorted by similarity, highest first.
+
+    index="flat" is exact (`IndexFlatIP`); index="ivf" trains an `IndexIVFFlat` on the gallery
+    (`nlist` cells, default ~4*sqrt(N); `nprobe` cells visited per query), approximate and
+    much faster on large galleries. IVF can find fewer than k items for a query: those slots
+    hold index -1 and similarity -inf.
+
+    device="auto" uses GPU FAISS when the build has a GPU, "cuda" asks for it (and warns and
+    falls back to CPU without one), "cpu" forces CPU. GPU FAISS cannot return more than 2048
+    neighbours, so larger k is searched on CPU.
+
+    Queries are searched `chunk_size` rows at a time so the distance buffers stay bounded.
+
+    Returns (sims float32 [Nq, k], idx int64 [Nq, k]).
+    """
+    q = as_float32_matrix(queries, "queries")
+    g = as_float32_matrix(gallery, "gallery")
+    if g.shape[0] == 0:
+        raise ValueError("knn_search: empty gallery")
+    if q.shape[0] == 0:
+        raise ValueError("knn_search: no queries")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"knn_search: dim mismatch, queries {q.shape[1]} vs gallery {g.shape[1]}")
+    if int(k) < 1:
+        raise ValueError(f"knn_search: k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"knn_search: chunk_size must be >= 1, got {chunk_size}")
+    k = min(int(k), g.shape[0])
+    dim = g.shape[1]
+
+    if index == "flat":
+        cpu_index = faiss.IndexFlatIP(dim)
+    elif index == "ivf":
+        cells = default_nlist(g.shape[0]) if nlist is None else min(int(nlist), g.shape[0])
+        if cells < 1:
+            raise ValueError(f"knn_search: nlist must be >= 1, got {nlist}")
+        quantizer = faiss.IndexFlatIP(dim)
+        cpu_index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
+        cpu_index.nprobe = max(1, min(int(nprobe), cells))
+    else:
+        raise ValueError(f"knn_search: index must be 'flat' or 'ivf', got {index!r}")
+
+    search_index = cpu_index
+    if _use_gpu(device) and k <= GPU_MAX_K:
+        resources = faiss.StandardGpuResources()
+        search_index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
+    if index == "ivf":
+        search_index.train(g)
+        if hasattr(search_index, "nprobe"):
+            search_index.nprobe = cpu_index.nprobe
+    search_index.add(g)
+
+    n_q = q.shape[0]
+    sims = np.empty((n_q, k), dtype=np.float32)
+    idx = np.empty((n_q, k), dtype=np.int64)
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        sims[start:stop], idx[start:stop] = search_index.search(q[start:stop], k)
+    # FAISS marks "not found" with -1 and the lowest float; make that an explicit -inf.
+    sims[idx < 0] = -np.inf
+    return sims, idx

@@ -1,0 +1,78 @@
+"""Weighted kNN vote and accuracy against brute-force loops over torch similarities."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shared.retrieval.knn import knn_accuracy, weighted_knn_vote
+
+
+def clustered(n, dim, n_classes, noise, seed):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(123))
+    labels = torch.randint(0, n_classes, (n,), generator=gen)
+    x = centres[labels] + noise * torch.randn(n, dim, generator=gen)
+    return x, labels
+
+
+def brute_force_accuracy(bank, bank_y, query, query_y, k, temperature, num_classes):
+    bank = torch.nn.functional.normalize(bank.double(), dim=1)
+    query = torch.nn.functional.normalize(query.double(), dim=1)
+    correct = 0
+    for q, y in zip(query, query_y, strict=True):
+        sims = bank @ q
+        top = torch.argsort(sims, descending=True)[:k]
+        scores = [0.0] * num_classes
+        for j in top.tolist():
+            scores[int(bank_y[j])] += math.exp(float(sims[j]) / temperature)
+        correct += int(max(range(num_classes), key=scores.__getitem__) == int(y))
+    return correct / len(query)
+
+
+def test_vote_matches_loop():
+    rng = np.random.default_rng(0)
+    sims = rng.uniform(-1, 1, (30, 12)).astype(np.float32)
+    labels = rng.integers(0, 5, (30, 12))
+    labels[3, 4] = -1  # a missing neighbour does not vote
+    scores = weighted_knn_vote(sims, labels, 5, temperature=0.1)
+    assert isinstance(scores, np.ndarray) and scores.shape == (30, 5)
+    ref = np.zeros((30, 5))
+    for i in range(30):
+        for j in range(12):
+            if labels[i, j] >= 0:
+                ref[i, labels[i, j]] += math.exp(sims[i, j] / 0.1)
+    np.testing.assert_allclose(scores, ref, rtol=1e-5)
+    as_torch = weighted_knn_vote(torch.from_numpy(sims), torch.from_numpy(labels), 5, 0.1)
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_allclose(as_torch.numpy(), scores)
+
+
+def test_accuracy_matches_brute_force():
+    bank, bank_y = clustered(500, 16, 10, 1.6, seed=1)
+    query, query_y = clustered(120, 16, 10, 1.6, seed=2)
+    ks = (1, 5, 20, 100)
+    got = knn_accuracy(bank, bank_y, query, query_y, ks=ks, temperature=0.07, chunk_size=50)
+    assert list(got) == list(ks)
+    for k in ks:
+        assert got[k] == pytest.approx(
+            brute_force_accuracy(bank, bank_y, query, query_y, k, 0.07, 10), abs=1e-12
+        )
+    # Noisy clusters: the check is only meaningful if accuracy is neither 0 nor 1.
+    assert 0.3 < got[20] < 1.0
+
+
+def test_ks_capped_at_bank_size_and_collapse():
+    bank, bank_y = clustered(30, 8, 4, 1.0, seed=3)
+    query, query_y = clustered(40, 8, 4, 1.0, seed=4)
+    got = knn_accuracy(bank.numpy(), bank_y.numpy(), query.numpy(), query_y.numpy())
+    assert sorted(got) == [10, 20, 30]
+    expected = brute_force_accuracy(bank, bank_y, query, query_y, 30, 0.07, 4)
+    assert got[30] == pytest.approx(expected, abs=1e-12)
+
+
+def test_bad_ks_raise():
+    bank, bank_y = clustered(10, 4, 2, 1.0, seed=5)
+    with pytest.raises(ValueError, match="ks"):
+        knn_accuracy(bank, bank_y, bank, bank_y, ks=(0, 5))

@@ -1,0 +1,195 @@
+"""Shopee threshold sweep, matches and blending against per-row Python set references."""
+
+import numpy as np
+import pytest
+import torch
+
+from shared.retrieval.search import knn_search
+from shared.retrieval.threshold import (
+    matches_from_threshold,
+    neighbourhood_blend,
+    plot_threshold_sweep,
+    threshold_sweep,
+)
+
+
+def nearest_others(sims_row, idx_row, me, max_neighbours):
+    """(sim, gallery index) of the other neighbours, best first, ties kept in column order."""
+    others = [(float(s), int(j)) for s, j in zip(sims_row, idx_row, strict=True) if j >= 0]
+    others = [(s, j) for s, j in others if j != me]
+    return sorted(others, key=lambda p: -p[0])[:max_neighbours]
+
+
+def predicted_set(sims_row, idx_row, me, t, min2, max_neighbours=50):
+    others = nearest_others(sims_row, idx_row, me, max_neighbours)
+    pred = {me} | {j for s, j in others if s >= t}
+    if min2 is not None and pred == {me} and others and others[0][0] >= min2:
+        pred.add(others[0][1])
+    return pred
+
+
+def brute_force_sweep(sims, idx, labels, thresholds, query_ids=None, min2=None, max_n=50):
+    query_ids = range(len(sims)) if query_ids is None else query_ids
+    out = {"f1": [], "precision": [], "recall": []}
+    for t in thresholds:
+        f1, prec, rec = [], [], []
+        for row, me in enumerate(query_ids):
+            truth = {j for j, y in enumerate(labels) if y == labels[me]}
+            pred = predicted_set(sims[row], idx[row], me, t, min2, max_n)
+            inter = len(pred & truth)
+            f1.append(2 * inter / (len(pred) + len(truth)))
+            prec.append(inter / len(pred))
+            rec.append(inter / len(truth))
+        out["f1"].append(np.mean(f1))
+        out["precision"].append(np.mean(prec))
+        out["recall"].append(np.mean(rec))
+    return {key: np.array(v) for key, v in out.items()}
+
+
+def messy_neighbours(seed, n_groups=40, k=8):
+    """A real self-search over clustered embeddings (group sizes 1..7, singletons included),
+    then damaged: some rows lose themselves from idx, some get -1 padding at the end."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 8, n_groups)
+    sizes[:5] = 1
+    labels = np.repeat(np.arange(n_groups), sizes)
+    centres = rng.standard_normal((n_groups, 12))
+    x = (centres[labels] + 0.8 * rng.standard_normal((len(labels), 12))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims, idx = knn_search(x, x, k)
+    for row in rng.choice(len(x), 15, replace=False):  # self missing, neighbours shift left
+        keep = idx[row] != row
+        idx[row, : keep.sum()], sims[row, : keep.sum()] = idx[row, keep], sims[row, keep]
+        idx[row, keep.sum() :] = -1
+        sims[row, keep.sum() :] = -np.inf
+    for row in rng.choice(len(x), 10, replace=False):  # self missing, a far item instead
+        col = np.flatnonzero(idx[row] == row)
+        if col.size:
+            idx[row, col[0]] = (row + len(x) // 2) % len(x)
+    return x, sims, idx, labels
+
+
+def sweep_thresholds(sims, seed):
+    """Unsorted thresholds, some exactly equal to similarities (tests the >= edge)."""
+    rng = np.random.default_rng(seed)
+    exact = rng.choice(sims[np.isfinite(sims)], 6, replace=False).astype(np.float64)
+    return rng.permutation(np.concatenate([np.linspace(0.0, 1.0, 15), exact]))
+
+
+@pytest.mark.parametrize("min2", [None, 0.3])
+def test_sweep_matches_brute_force_sets(min2):
+    _, sims, idx, labels = messy_neighbours(0)
+    thresholds = sweep_thresholds(sims, 1)
+    got = threshold_sweep(sims, idx, labels, thresholds, min2=min2)
+    ref = brute_force_sweep(sims, idx, labels, thresholds, min2=min2)
+    np.testing.assert_array_equal(got.thresholds, thresholds)
+    for key in ("f1", "precision", "recall"):
+        np.testing.assert_allclose(getattr(got, key), ref[key], rtol=0, atol=1e-12)
+    assert got.best_index == int(np.argmax(ref["f1"]))
+    assert got.best_f1 == pytest.approx(ref["f1"].max())
+    assert got.best_threshold == thresholds[got.best_index]
+
+
+def test_min2_changes_the_answer_on_this_data():
+    _, sims, idx, labels = messy_neighbours(0)
+    plain = threshold_sweep(sims, idx, labels, [0.9])
+    loose = threshold_sweep(sims, idx, labels, [0.9], min2=0.3)
+    assert loose.recall[0] > plain.recall[0]
+
+
+def test_sweep_with_query_subset_and_neighbour_cap():
+    _, sims, idx, labels = messy_neighbours(2)
+    rows = np.arange(0, len(labels), 3)
+    thresholds = sweep_thresholds(sims, 3)
+    got = threshold_sweep(
+        sims[rows], idx[rows], labels, thresholds, query_ids=rows, min2=0.2, max_neighbours=3
+    )
+    ref = brute_force_sweep(sims[rows], idx[rows], labels, thresholds, rows, 0.2, max_n=3)
+    for key in ("f1", "precision", "recall"):
+        np.testing.assert_allclose(getattr(got, key), ref[key], rtol=0, atol=1e-12)
+
+
+def test_unsorted_neighbour_columns_give_the_same_answer():
+    _, sims, idx, labels = messy_neighbours(9)
+    perm = np.argsort(np.random.default_rng(10).random(sims.shape), axis=1)
+    shuffled_sims, shuffled_idx = (
+        np.take_along_axis(sims, perm, 1),
+        np.take_along_axis(idx, perm, 1),
+    )
+    thresholds = sweep_thresholds(sims, 11)
+    got = threshold_sweep(
+        shuffled_sims, shuffled_idx, labels, thresholds, min2=0.3, max_neighbours=3
+    )
+    ref = brute_force_sweep(sims, idx, labels, thresholds, min2=0.3, max_n=3)
+    np.testing.assert_allclose(got.f1, ref["f1"], rtol=0, atol=1e-12)
+    ids = np.arange(len(labels)) + 1000
+    for t in (0.4, 0.8):
+        a = matches_from_threshold(shuffled_sims, shuffled_idx, ids, t, 0.3, max_neighbours=3)
+        b = matches_from_threshold(sims, idx, ids, t, 0.3, max_neighbours=3)
+        assert a == b
+
+
+def test_sweep_accepts_torch_and_string_labels():
+    _, sims, idx, labels = messy_neighbours(4)
+    names = np.array([f"group-{y}" for y in labels])
+    a = threshold_sweep(torch.from_numpy(sims), torch.from_numpy(idx), names, [0.5, 0.7])
+    b = threshold_sweep(sims, idx, torch.from_numpy(labels), np.array([0.5, 0.7]))
+    np.testing.assert_array_equal(a.f1, b.f1)
+
+
+def test_empty_fold_raises():
+    with pytest.raises(ValueError, match="empty validation fold"):
+        threshold_sweep(np.zeros((0, 5)), np.zeros((0, 5), dtype=np.int64), [], [0.5])
+
+
+@pytest.mark.parametrize("min2", [None, 0.25])
+def test_matches_score_the_sweep_f1(min2):
+    _, sims, idx, labels = messy_neighbours(5)
+    ids = np.array([f"posting_{i}" for i in range(len(labels))])
+    thresholds = np.array([0.2, 0.55, 0.8])
+    sweep = threshold_sweep(sims, idx, labels, thresholds, min2=min2)
+    group = {pid: y for pid, y in zip(ids, labels, strict=True)}
+    for t, sweep_f1 in zip(thresholds, sweep.f1, strict=True):
+        matches = matches_from_threshold(sims, idx, ids, t, min2=min2)
+        assert len(matches) == len(ids)
+        f1 = []
+        for pid, row in zip(ids, matches, strict=True):
+            assert row[0] == pid and len(row) == len(set(row)) <= 51
+            truth = {other for other in ids if group[other] == group[pid]}
+            f1.append(2 * len(set(row) & truth) / (len(row) + len(truth)))
+        assert np.mean(f1) == pytest.approx(sweep_f1, abs=1e-12)
+
+
+def brute_force_blend(x, sims, idx, k, threshold):
+    out = np.zeros_like(x, dtype=np.float64)
+    for i in range(len(x)):
+        others = nearest_others(sims[i], idx[i], i, len(idx[i]) if k is None else k)
+        v = float(x[i] @ x[i]) * x[i].astype(np.float64)
+        for s, j in others:
+            if threshold is None or s >= threshold:
+                v += max(s, 0.0) * x[j]
+        out[i] = v / np.linalg.norm(v)
+    return out
+
+
+@pytest.mark.parametrize("k, threshold", [(None, None), (3, None), (None, 0.5), (2, 0.4)])
+def test_blend_matches_loop(k, threshold):
+    x, sims, idx, _ = messy_neighbours(6)
+    got = neighbourhood_blend(x, sims, idx, k=k, threshold=threshold, chunk_size=50)
+    np.testing.assert_allclose(got, brute_force_blend(x, sims, idx, k, threshold), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_blend_keeps_torch():
+    x, sims, idx, _ = messy_neighbours(7)
+    got = neighbourhood_blend(torch.from_numpy(x), sims, idx, k=3)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), neighbourhood_blend(x, sims, idx, k=3))
+
+
+def test_plot_writes_png_atomically(tmp_path):
+    _, sims, idx, labels = messy_neighbours(8)
+    result = threshold_sweep(sims, idx, labels, np.linspace(0.1, 0.95, 18))
+    path = plot_threshold_sweep(result, tmp_path / "plots" / "sweep.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["sweep.png"]
