@@ -1,0 +1,162 @@
+"""LightningDataModule over an image store: index splits, uint8 batches, no per-sample work.
+
+Batches are dicts `{"images": uint8 [B,3,S,S], "labels": int64 [B], "index": int64 [B]}`
+where `index` is the store row, so evaluators can de-duplicate what DDP samplers pad.
+Augmentation is the LightningModule's job, on the device, after transfer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from shared.data.store import ImageStore, build_store
+
+
+class StoreDataset(Dataset):
+    """Rows `indices` of a store; `__getitems__` fetches a whole batch in one memmap gather."""
+
+    def __init__(self, store: ImageStore, indices: np.ndarray) -> None:
+        self.store = store
+        self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.indices[torch.as_tensor(positions)]
+        return {
+            "images": self.store.images[rows],
+            "labels": self.store.labels[rows],
+            "index": rows,
+        }
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([position])
+        return {k: v[0] for k, v in batch.items()}
+
+
+def _as_batch(batch):
+    return batch
+
+
+def split_indices(
+    labels: np.ndarray, val_fraction: float, split_by: str = "instance", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train / val row indices.
+
+    `instance`: every class keeps at least one image in train and gives about
+    `val_fraction` of its images to val (the kNN protocol: queries of known classes).
+    `class`: whole classes go to val (the SOP / CUB protocol for metric learning).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if split_by == "class":
+        chosen = rng.permutation(classes)[: max(1, round(val_fraction * len(classes)))]
+        is_val = np.isin(labels, chosen)
+    elif split_by == "instance":
+        is_val = np.zeros(len(labels), dtype=bool)
+        for c in classes:
+            rows = rng.permutation(np.flatnonzero(labels == c))
+            n_val = min(len(rows) - 1, int(round(val_fraction * len(rows))))
+            is_val[rows[:n_val]] = True
+    else:
+        raise ValueError(f"data.split_by must be 'instance' or 'class', got {split_by!r}")
+    train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(
+            f"empty split: {len(train)} train and {len(val)} val images from {len(labels)} "
+            f"images in {len(classes)} classes (val_fraction={val_fraction}, split_by={split_by})"
+        )
+    return train, val
+
+
+class StoreDataModule(LightningDataModule):
+    """Train on the train split; validate/test on [bank = train un-augmented, query = val].
+
+    Validation dataloader 0 is the kNN bank, 1 the queries (see `VAL_LOADERS`).
+    """
+
+    VAL_LOADERS = ("bank", "query")
+
+    def __init__(
+        self,
+        source,
+        store_root: str,
+        image_size: int = 64,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        val_fraction: float = 0.2,
+        split_by: str = "instance",
+        num_workers: int = 0,
+        seed: int = 0,
+        store_name: str = "store",
+        store_path: str | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.store_root, self.image_size = store_root, image_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.split_by, self.seed = val_fraction, split_by, seed
+        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        self.store_name, self.store_path = store_name, store_path
+        self.store: ImageStore | None = None
+        self.train_indices = self.val_indices = None
+
+    def _build(self) -> ImageStore:
+        return build_store(self.source, self.store_root, self.image_size,
+                           name=self.store_name, path=self.store_path)
+
+    def prepare_data(self) -> None:  # rank 0 builds; the others open it in setup
+        self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is None:
+            self.store = self._build()
+            self.train_indices, self.val_indices = self.make_splits()
+
+    def make_splits(self) -> tuple[np.ndarray, np.ndarray]:
+        return split_indices(self.store.labels.numpy(), self.val_fraction, self.split_by,
+                             self.seed)
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return self.store.num_classes
+
+    def train_class_counts(self) -> list[int]:
+        self.setup()
+        labels = self.store.labels[torch.as_tensor(self.train_indices)]
+        return torch.bincount(labels, minlength=self.num_classes).tolist()
+
+    def _loader(self, indices, shuffle: bool, batch_size: int, drop_last: bool) -> DataLoader:
+        if len(indices) == 0:
+            raise ValueError("cannot build a dataloader over an empty split")
+        return DataLoader(
+            StoreDataset(self.store, indices), batch_size=batch_size, shuffle=shuffle,
+            drop_last=drop_last and len(indices) >= batch_size, num_workers=self.num_workers,
+            collate_fn=_as_batch, pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_indices, True, self.batch_size, self.drop_last)
+
+    def bank_dataloader(self) -> DataLoader:
+        return self._loader(self.train_indices, False, self.eval_batch_size, False)
+
+    def query_dataloader(self) -> DataLoader:
+        return self._loader(self.val_indices, False, self.eval_batch_size, False)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.bank_dataloader(), self.query_dataloader()]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

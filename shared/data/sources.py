@@ -1,0 +1,208 @@
+"""Where images come from: a folder of class subfolders, a CSV, or the synthetic generator.
+
+A source knows its rows (ids, labels) and how to decode a chunk of them into a fixed-size
+uint8 tensor. `describe()` is what keys the on-disk store: change the data, get a new store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class CorruptImagesError(ValueError):
+    pass
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Decode fully, resize the shorter side to `size`, centre-crop: HxWx3 uint8."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # a truncated file fails here, not later in training
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on views
+
+
+class FileSource:
+    """Rows backed by image files; decoding runs on a thread pool (PIL releases the GIL)."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    ids: list[str]
+    class_names: list[str]
+
+    def __init__(self, skip_corrupt: bool = False, num_threads: int = 4) -> None:
+        self.skip_corrupt = skip_corrupt
+        self.num_threads = num_threads
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _file_fingerprint(self) -> list:
+        # Nanosecond mtimes: a file rewritten within the same second still changes the key.
+        out = []
+        for p in self.paths:
+            st = p.stat()
+            out.append((str(p), st.st_size, st.st_mtime_ns))
+        return out
+
+    def load(self, indices: Sequence[int], size: int) -> tuple[torch.Tensor, list[int]]:
+        """Decode rows; returns (images of the good rows, indices of the bad rows)."""
+
+        def one(i):
+            try:
+                return decode_image(self.paths[i], size)
+            except Exception as exc:  # PIL raises several types for bad files
+                return exc
+
+        with ThreadPoolExecutor(self.num_threads) as pool:
+            results = list(pool.map(one, indices))
+        bad = [i for i, r in zip(indices, results) if isinstance(r, Exception)]
+        good = [torch.from_numpy(r).permute(2, 0, 1) for r in results
+                if not isinstance(r, Exception)]
+        images = torch.stack(good) if good else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return images, bad
+
+    def corrupt_error(self, bad: list[int]) -> CorruptImagesError:
+        listed = "\n  ".join(str(self.paths[i]) for i in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        return CorruptImagesError(
+            f"{len(bad)} image file(s) could not be decoded (corrupt or truncated):\n  {listed}"
+            f"{more}\nFix or remove them, or set data.source.skip_corrupt=true to skip them."
+        )
+
+
+class FolderSource(FileSource):
+    """`root/<class name>/<image>`: the ImageFolder layout."""
+
+    def __init__(self, root: str, skip_corrupt: bool = False, num_threads: int = 4) -> None:
+        super().__init__(skip_corrupt, num_threads)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.source.root={str(self.root)!r} is not a directory")
+        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not classes:
+            raise ValueError(f"data.source.root={str(self.root)!r} has no class subfolders")
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            files = sorted(f for f in (self.root / name).rglob("*")
+                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if not files:
+                raise ValueError(
+                    f"class folder {str(self.root / name)!r} has no images "
+                    f"(looked for {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            paths += files
+            labels += [label] * len(files)
+        self.paths, self.labels, self.class_names = paths, np.asarray(labels), classes
+        self.ids = [str(p.relative_to(self.root)) for p in paths]
+
+    def describe(self) -> dict:
+        return {"kind": "folder", "root": str(self.root.resolve()),
+                "files": self._file_fingerprint()}
+
+
+class CsvSource(FileSource):
+    """A CSV with an image column (paths relative to `image_dir`) and a label column."""
+
+    def __init__(
+        self,
+        csv_path: str,
+        image_dir: str | None = None,
+        image_col: str = "image",
+        label_col: str | None = "label_group",
+        id_col: str | None = "posting_id",
+        skip_corrupt: bool = False,
+        num_threads: int = 4,
+    ) -> None:
+        import pandas as pd
+
+        super().__init__(skip_corrupt, num_threads)
+        self.csv_path = Path(csv_path).expanduser()
+        if not self.csv_path.is_file():
+            raise FileNotFoundError(f"data.source.csv_path={str(self.csv_path)!r} does not exist")
+        df = pd.read_csv(self.csv_path, dtype=str, keep_default_na=False)
+        required = [c for c in (image_col, label_col, id_col) if c]
+        missing = [c for c in required if c not in df.columns]
+        if missing:
+            raise ValueError(
+                f"{self.csv_path} lacks required column(s) {missing}; it has {list(df.columns)}"
+            )
+        if df.empty:
+            raise ValueError(f"{self.csv_path} has no rows")
+        if id_col and df[id_col].duplicated().any():
+            dup = df.loc[df[id_col].duplicated(), id_col].head(5).tolist()
+            raise ValueError(f"{self.csv_path}: column {id_col!r} has duplicated ids, e.g. {dup}")
+        self.image_dir = Path(image_dir).expanduser() if image_dir else self.csv_path.parent
+        self.paths = [self.image_dir / p for p in df[image_col]]
+        absent = [str(p) for p in self.paths if not p.is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"{len(absent)} image(s) listed in {self.csv_path} are missing under "
+                f"{self.image_dir}, e.g. {absent[:5]}"
+            )
+        if label_col:
+            names, labels = np.unique(df[label_col].to_numpy(), return_inverse=True)
+        else:  # unlabelled postings (inference): one placeholder class
+            names, labels = np.array(["unlabelled"]), np.zeros(len(df), dtype=np.int64)
+        self.class_names = [str(n) for n in names]
+        self.labels = labels.astype(np.int64)
+        self.ids = df[id_col].tolist() if id_col else [str(p) for p in df[image_col]]
+        self.frame = df
+
+    def describe(self) -> dict:
+        st = self.csv_path.stat()
+        return {"kind": "csv", "csv": str(self.csv_path.resolve()), "csv_size": st.st_size,
+                "csv_mtime": st.st_mtime_ns, "image_dir": str(self.image_dir.resolve()),
+                "files": self._file_fingerprint()}
+
+
+class SyntheticSource:
+    """The embedded synthetic products set, rendered straight into the store."""
+
+    def __init__(self, **spec) -> None:
+        from shared.data.synthetic import SyntheticProducts, SyntheticProductsSpec
+
+        self.spec = SyntheticProductsSpec(**spec)
+        self.products = SyntheticProducts(self.spec)
+        self.labels = self.products.labels.numpy()
+        self.ids = [f"p{i:07d}" for i in range(len(self.products))]
+        self.class_names = [str(c) for c in range(self.products.num_classes)]
+        self.skip_corrupt = False
+        self._at_size = None  # rendered directly at the store's size when it differs
+
+    def __len__(self) -> int:
+        return len(self.products)
+
+    def describe(self) -> dict:
+        from dataclasses import asdict
+
+        from shared.data.synthetic import GENERATOR_VERSION
+
+        return {"kind": "synthetic", "generator_version": GENERATOR_VERSION, **asdict(self.spec)}
+
+    def load(self, indices: Sequence[int], size: int) -> tuple[torch.Tensor, list[int]]:
+        if size != self.spec.image_size and self._at_size is None:
+            from dataclasses import replace
+
+            from shared.data.synthetic import SyntheticProducts
+
+            self._at_size = SyntheticProducts(replace(self.spec, image_size=size))
+        products = self._at_size or self.products
+        return products.render(torch.as_tensor(list(indices))), []

@@ -1,0 +1,192 @@
+"""The memory-mapped image store: decode once, then every epoch reads uint8 tensors.
+
+Layout of a store directory:
+
+    <root>/<name>-<key>/
+        tensors/     TensorDict memmap: images uint8 [N,3,S,S], labels int64 [N], row int64 [N]
+        meta.json    key, source description, ids, class names (written last)
+
+The key hashes the source's description (files, sizes, mtimes or generator spec) and the
+image size, so a changed source gets a new store. A store is built in a temporary
+directory and renamed into place, so a killed build leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+
+
+def store_key(description: dict, image_size: int) -> str:
+    desc = {"version": STORE_VERSION, "image_size": image_size, "source": description}
+    blob = json.dumps(desc, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+@dataclass
+class ImageStore:
+    """An opened store: memory-mapped tensors plus the row metadata."""
+
+    path: Path
+    tensors: TensorDict
+    meta: dict
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.tensors["images"]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors["labels"]
+
+    @property
+    def ids(self) -> list[str]:
+        return self.meta["ids"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    def __len__(self) -> int:
+        return int(self.tensors.batch_size[0])
+
+    @classmethod
+    def open(cls, path: str | Path) -> ImageStore:
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a complete image store (no meta.json)")
+        meta = json.loads(meta_file.read_text())
+        return cls(path, TensorDict.load_memmap(path / "tensors"), meta)
+
+
+def build_store(
+    source,
+    root: str | Path,
+    image_size: int,
+    name: str = "store",
+    path: str | Path | None = None,
+    chunk_size: int = 512,
+    progress: bool = True,
+) -> ImageStore:
+    """Open the store for (source, image_size), building it first if needed.
+
+    `path` pins the directory; a store found there with another key (other source or size)
+    is rebuilt, never silently reused.
+    """
+    description = source.describe()
+    key = store_key(description, image_size)
+    path = Path(path) if path else Path(root) / f"{name}-{key}"
+    if (path / "meta.json").is_file():
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("key") == key:
+            log.info("Reusing image store %s", path)
+            return ImageStore.open(path)
+        log.warning(
+            "Store at %s was built from another source or size (key %s != %s): rebuilding",
+            path, meta.get("key"), key,
+        )
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"data source {description.get('kind')} has no images")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        meta = _write_store(source, tmp, image_size, chunk_size, progress, path.name)
+    except BaseException:  # a failed or interrupted build leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta = {"key": key, "version": STORE_VERSION, "image_size": image_size,
+            "source": {k: v for k, v in description.items() if k != "files"}, **meta}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    log.info("Built image store %s (%d images)", path, meta["num_images"])
+    return ImageStore.open(path)
+
+
+def _write_store(source, tmp: Path, image_size: int, chunk_size: int, progress: bool,
+                 name: str) -> dict:
+    """Decode every row into `tmp/tensors`; returns the row metadata (ids, classes, counts)."""
+    n = len(source)
+    template = TensorDict(
+        {
+            "images": torch.empty(n, 3, image_size, image_size, dtype=torch.uint8),
+            "labels": torch.as_tensor(np.asarray(source.labels), dtype=torch.int64),
+            "row": torch.arange(n, dtype=torch.int64),
+        },
+        batch_size=[n],
+    )
+    tensors = template.memmap_like(prefix=tmp / "tensors")
+    tensors["labels"][:] = template["labels"]
+    tensors["row"][:] = template["row"]
+    del template
+    bad: list[int] = []
+    write = 0  # good rows are written contiguously; bad ones are dropped (when allowed)
+    keep: list[int] = []
+    with tqdm(total=n, desc=f"Building image store {name}", unit="img",
+              disable=not progress) as bar:
+        for start in range(0, n, chunk_size):
+            idx = list(range(start, min(n, start + chunk_size)))
+            images, chunk_bad = source.load(idx, image_size)
+            bad += chunk_bad
+            bad_set = set(chunk_bad)
+            good = [i for i in idx if i not in bad_set]
+            tensors["images"][write:write + len(good)] = images
+            keep += good
+            write += len(good)
+            bar.update(len(idx))
+    if bad:
+        if not getattr(source, "skip_corrupt", False):
+            raise source.corrupt_error(bad)
+        if write == 0:
+            raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
+        log.warning("Skipped %d corrupt image(s), e.g. %s", len(bad), bad[:5])
+        tensors = _compact(tensors, torch.as_tensor(keep, dtype=torch.int64), tmp, chunk_size)
+    labels = np.asarray(source.labels)[keep]
+    return {
+        "num_images": write,
+        "num_skipped": len(bad),
+        "ids": [source.ids[i] for i in keep],
+        "class_names": list(source.class_names),
+        "class_counts": np.bincount(labels, minlength=len(source.class_names)).tolist(),
+    }
+
+
+def _compact(tensors: TensorDict, keep: torch.Tensor, tmp: Path, chunk_size: int) -> TensorDict:
+    """Copy the first len(keep) image rows into a right-sized memmap, chunk by chunk, so
+    dropping corrupt rows never holds the whole image array in RAM."""
+    m = len(keep)
+    size = tensors["images"].shape[-1]
+    template = TensorDict(
+        {"images": torch.empty(m, 3, size, size, dtype=torch.uint8),
+         "labels": tensors["labels"][keep].clone(), "row": keep},
+        batch_size=[m],
+    )
+    compact = template.memmap_like(prefix=tmp / "compact")
+    compact["labels"][:] = template["labels"]
+    compact["row"][:] = keep
+    del template
+    for start in range(0, m, chunk_size):
+        stop = min(m, start + chunk_size)
+        compact["images"][start:stop] = tensors["images"][start:stop]
+    del tensors
+    shutil.rmtree(tmp / "tensors")
+    os.replace(tmp / "compact", tmp / "tensors")
+    return compact

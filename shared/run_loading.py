@@ -1,0 +1,101 @@
+"""Load a finished (or running) run from its directory alone: config, module, data module.
+
+    run = load_run("logs/ssl/dino/runs/2026-11-25_12-00-00")
+    run.module.embed(images)        # best weights, eval mode
+    run.datamodule.setup()          # the same store and splits as training
+
+Checkpoints are read with `weights_only=True`: they hold tensors and plain values only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import shared.config  # noqa: F401  (resolvers)
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: DictConfig
+    checkpoint: Path
+    module: torch.nn.Module
+    datamodule: object
+    callbacks_state: dict
+
+
+def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    candidates = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
+    last = ckpt_dir / "last.ckpt"
+    if which == "last" and last.is_file():
+        return last
+    if which == "best" and last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        for key, value in state.get("callbacks", {}).items():
+            if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+                best = Path(value["best_model_path"])
+                if best.is_file():
+                    return best
+                if (ckpt_dir / best.name).is_file():  # the run directory was moved
+                    return ckpt_dir / best.name
+    if candidates:
+        return candidates[-1]
+    if last.is_file():
+        return last
+    raise FileNotFoundError(
+        f"{run_dir} has no checkpoint: expected {ckpt_dir}/last.ckpt or epoch_*.ckpt "
+        "(was the run stopped before its first epoch ended?)"
+    )
+
+
+def load_run(run_dir: str | Path, which: str = "best", map_location: str = "cpu") -> LoadedRun:
+    """Resolved config + module with the chosen weights + data module of a run directory."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {cfg_file} is missing")
+    # run() writes the config with every interpolation resolved beside .hydra/; prefer it.
+    resolved_file = run_dir / "config_resolved.yaml"
+    cfg = OmegaConf.load(resolved_file if resolved_file.is_file() else cfg_file)
+    for key in ("module", "data"):
+        if key not in cfg or "_target_" not in cfg[key]:
+            raise ValueError(f"{cfg_file} has no {key}._target_: is it from another version?")
+    with open_output_dir(cfg, run_dir):
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    ckpt = find_checkpoint(run_dir, which)
+    state = torch.load(ckpt, map_location=map_location, weights_only=True)
+    module_cls = hydra.utils.get_class(resolved.module._target_)
+    module = module_cls(**state["hyper_parameters"])
+    if hasattr(module, "net") and module.net is None:  # built lazily from the data
+        raise ValueError(f"{ckpt} lacks num_classes in its hyper-parameters")
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    datamodule = hydra.utils.instantiate(resolved.data)
+    return LoadedRun(run_dir, resolved, ckpt, module, datamodule, state.get("callbacks", {}))
+
+
+class open_output_dir:
+    """Resolve `${hydra:...}` interpolations as if the run were live in `run_dir`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.cfg, False)
+        if not OmegaConf.is_interpolation(self.cfg.paths, "output_dir"):
+            return self.cfg  # already resolved
+        self.cfg.paths.output_dir = str(self.run_dir)
+        if OmegaConf.is_interpolation(self.cfg, "task_name"):
+            self.cfg.task_name = self.run_dir.parent.parent.name
+        if "data" in self.cfg and OmegaConf.is_interpolation(self.cfg.data, "store_name"):
+            self.cfg.data.store_name = "store"
+        return self.cfg
+
+    def __exit__(self, *exc):
+        return False
