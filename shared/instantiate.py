@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -11,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def instantiate(cfg: DictConfig, key: str, **kwargs):
+def instantiate(cfg: DictConfig | Mapping, key: str, **kwargs):
     """`hydra.utils.instantiate(cfg)` that says which key and `_target_` failed to import."""
     if cfg is None:
         raise ValueError(f"config key {key!r} is empty")
-    target = cfg.get("_target_") if isinstance(cfg, DictConfig) else None
+    target = cfg.get("_target_") if isinstance(cfg, (DictConfig, Mapping)) else None
     if target is None:
         raise ValueError(f"config key {key!r} has no _target_")
     try:

@@ -198,11 +198,13 @@ class SyntheticSource:
         return {"kind": "synthetic", "generator_version": GENERATOR_VERSION, **asdict(self.spec)}
 
     def load(self, indices: Sequence[int], size: int) -> tuple[torch.Tensor, list[int]]:
-        if size != self.spec.image_size and self._at_size is None:
+        if size != self.spec.image_size and (
+            self._at_size is None or self._at_size.spec.image_size != size
+        ):
             from dataclasses import replace
 
             from shared.data.synthetic import SyntheticProducts
 
             self._at_size = SyntheticProducts(replace(self.spec, image_size=size))
-        products = self._at_size or self.products
+        products = self.products if size == self.spec.image_size else self._at_size
         return products.render(torch.as_tensor(list(indices))), []

@@ -97,7 +97,7 @@ class TimmBackbone(nn.Module):
             self._load(pretrained_path, strict)
 
     def _load(self, path: str, strict: bool) -> None:
-        state = _strip_prefixes(load_state_dict_file(path))
+        state = _select_model_weights(load_state_dict_file(path), self.model.state_dict())
         missing, _ = self.model.load_state_dict(state, strict=False)
         if strict and missing:
             raise ValueError(
@@ -118,3 +118,27 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 key = key[len(prefix):]
         out[key] = value
     return out
+
+
+def _select_model_weights(
+    state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The checkpoint entries that are this model's weights, their wrapper prefix removed.
+
+    The prefix is whatever most keys carry in front of a model key: "" for a plain state
+    dict, "backbone.model." or "net.backbone.model." in our Lightning checkpoints. A DINO
+    checkpoint holds two copies (student_backbone / teacher_backbone): the teacher wins, it
+    is the network DINO evaluates. Without any match, fall back to the fixed prefixes.
+    """
+    votes: dict[str, int] = {}
+    for key in state:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in model_state:
+                prefix = ".".join(parts[:i]) + "." if i else ""
+                votes[prefix] = votes.get(prefix, 0) + 1
+                break
+    if not votes:
+        return _strip_prefixes(state)
+    best = max(votes, key=lambda p: (votes[p], "teacher" in p, -len(p)))
+    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}

@@ -1,0 +1,121 @@
+"""Postings CSV ingestion, bad input, the evaluation sweep and matches.csv."""
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from matching.data import ProductsDataModule, synthetic_postings
+from matching.evaluate import sweep_embeddings
+from matching.infer import read_matches, write_matches
+from shared.modules.metric_learning import MetricLearningModule
+from shared.retrieval.search import knn_search
+from shared.retrieval.threshold import matches_from_threshold
+
+SPEC = dict(num_families=5, groups_per_family=2, min_instances=2, max_instances=4,
+            image_size=32, seed=3)
+
+
+IMAGES = {}
+
+
+@pytest.fixture(scope="module")
+def postings(tmp_path_factory):
+    csv = synthetic_postings(tmp_path_factory.mktemp("postings"), SPEC)
+    IMAGES["dir"] = csv.parent / "images"
+    return csv, pd.read_csv(csv, dtype=str)
+
+
+def datamodule(tmp_path, csv, **kw):
+    return ProductsDataModule(store_root=str(tmp_path / "stores"), csv_path=str(csv),
+                              image_dir=str(IMAGES["dir"]), image_size=32,
+                              batch_size=4, n_folds=kw.pop("n_folds", 3), **kw)
+
+
+def test_store_and_folds_from_csv(tmp_path, postings):
+    csv, frame = postings
+    dm = datamodule(tmp_path, csv, fold=1)
+    dm.setup()
+    assert len(dm.store) == len(frame)
+    assert dm.store.ids == frame.posting_id.tolist()
+    groups = frame.label_group.to_numpy()
+    train, val = set(groups[dm.train_indices]), set(groups[dm.val_indices])
+    assert train.isdisjoint(val) and len(val) > 0
+    batch = next(iter(dm.val_dataloader()[0]))
+    assert batch["images"].shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize("column", ["label_group", "posting_id"])
+def test_csv_missing_required_column(tmp_path, postings, column):
+    csv, frame = postings
+    bad = tmp_path / "bad.csv"
+    frame.drop(columns=[column]).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=column):
+        datamodule(tmp_path, bad).setup()
+
+
+def test_duplicated_posting_id(tmp_path, postings):
+    csv, frame = postings
+    bad = tmp_path / "dup.csv"
+    frame.assign(posting_id=frame.posting_id.where(frame.index != 1, frame.posting_id[0])
+                 ).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="duplicated"):
+        datamodule(tmp_path, bad).setup()
+
+
+def test_image_listed_but_missing(tmp_path, postings):
+    csv, frame = postings
+    bad = tmp_path / "missing.csv"
+    frame.assign(image=frame.image.where(frame.index != 2, "nope.png")).to_csv(bad, index=False)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        datamodule(tmp_path, bad).setup()
+
+
+def test_fold_out_of_range(tmp_path, postings):
+    with pytest.raises(ValueError, match="data.fold=5 is out of range"):
+        datamodule(tmp_path, postings[0], fold=5, n_folds=5)
+
+
+def test_single_posting_group_in_training_is_explained(tmp_path, postings, caplog):
+    csv, frame = postings
+    lone = tmp_path / "lone.csv"
+    frame.assign(label_group=frame.label_group.where(frame.index != 0, "999")
+                 ).to_csv(lone, index=False)
+    dm = datamodule(tmp_path, lone)
+    dm.setup()
+    assert (dm.folds[0] != dm.fold), "choose data where the lone posting trains"
+    module = MetricLearningModule(model={"type": "cgd", "embedding_dim": 48},
+                                  backbone={"name": "resnet18"}, head={})
+    module._trainer = SimpleNamespace(datamodule=dm)
+    with caplog.at_level(logging.WARNING):
+        module.setup("fit")
+    assert "single training image" in caplog.text
+    assert module.hparams.num_classes == dm.num_classes
+
+
+def test_sweep_on_empty_fold_is_refused():
+    with pytest.raises(ValueError, match="empty validation fold"):
+        sweep_embeddings(np.zeros((0, 8), np.float32), np.zeros(0), np.linspace(0, 1, 5))
+
+
+def test_matches_csv_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 30, 200)
+    centres = rng.normal(size=(30, 16))
+    emb = centres[labels] + 0.3 * rng.normal(size=(200, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"id{i}" for i in range(200)]
+    sims, idx = knn_search(emb, emb, 51)
+    result, _, _ = sweep_embeddings(emb, labels, np.linspace(0, 1, 41))
+    matches = matches_from_threshold(sims, idx, ids, result.best_threshold)
+    path = write_matches(tmp_path / "out" / "matches.csv", ids, matches)
+    back = read_matches(path)
+    assert list(back) == ids
+    assert all(back[i] == [str(m) for m in row] for i, row in zip(ids, matches))
+    # The file's matches score the sweep's best F1 (computed here with sets).
+    truth = {i: {ids[j] for j in np.flatnonzero(labels == labels[n])} for n, i in enumerate(ids)}
+    f1 = np.mean([2 * len(set(back[i]) & truth[i]) / (len(back[i]) + len(truth[i])) for i in ids])
+    assert f1 == pytest.approx(result.best_f1)
+    assert all(back[i][0] == i for i in ids)  # every posting matches itself first

@@ -1,0 +1,238 @@
+"""Batch augmentations against torchvision / torch references, and per-image randomness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from shared.data import augment as A
+
+MEAN, STD = torch.tensor(A.IMAGENET_MEAN), torch.tensor(A.IMAGENET_STD)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=_gen(seed))
+
+
+def _denorm(y: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    return y * torch.as_tensor(std).view(1, -1, 1, 1) + torch.as_tensor(mean).view(1, -1, 1, 1)
+
+
+# --- crops -------------------------------------------------------------------------------
+
+
+def test_identical_images_get_different_crops():
+    x = _rand(1, 3, 24, 24).expand(6, -1, -1, -1).contiguous()
+    y = A.random_resized_crop(x, 12, generator=_gen(1))
+    assert y.shape == (6, 3, 12, 12)
+    flat = y.flatten(1)
+    assert torch.cdist(flat, flat).triu(1)[torch.ones(6, 6).triu(1).bool()].min() > 1e-3
+    again = A.random_resized_crop(x, 12, generator=_gen(1))
+    assert torch.equal(y, again)  # the generator fixes every draw
+
+
+@pytest.mark.parametrize("size", [16, 24, 40])
+def test_full_crop_is_bilinear_resize(size):
+    """scale (1, 1), ratio (1, 1): the box is the image, so the crop is a plain resize."""
+    x = _rand(3, 3, 16, 16)
+    y = A.random_resized_crop(x, size, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=_gen())
+    ref = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    if size == 16:
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=0)  # same size: the identity
+
+
+def test_full_crop_halving_averages_pixels():
+    x = _rand(2, 3, 16, 16)
+    y = A.random_resized_crop(x, 8, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(y, F.avg_pool2d(x, 2), atol=1e-6, rtol=0)
+
+
+def test_crop_of_a_box_is_that_region():
+    """A box that is a whole-pixel block of the image, resized to its own size, copies it."""
+    x = _rand(1, 3, 20, 20)
+    boxes = torch.tensor([[0.0, 4.0, 6.0, 14.0, 16.0]])  # (batch idx, x1, y1, x2, y2)
+    from torchvision.ops import roi_align
+
+    y = roi_align(x, boxes, (10, 10), 1.0, 0, True)
+    torch.testing.assert_close(y[0], x[0, :, 6:16, 4:14], atol=1e-6, rtol=0)
+
+
+def test_boxes_inside_image():
+    h, w = 30, 50  # large scales on a wide image: many boxes must be shrunk to fit
+    boxes = A.random_resized_crop_boxes(2000, h, w, (0.08, 1.0), (3 / 4, 4 / 3),
+                                        generator=_gen(2))
+    x1, y1, x2, y2 = boxes.unbind(1)
+    eps = 1e-4
+    assert (x1 >= -eps).all() and (y1 >= -eps).all()
+    assert (x2 <= w + eps).all() and (y2 <= h + eps).all()
+    assert ((x2 - x1) > 0).all() and ((y2 - y1) > 0).all()
+    assert ((y2 - y1) > h - eps).any()  # some hit the image height
+
+
+def test_boxes_area_and_aspect_within_range():
+    side, scale, ratio = 40, (0.2, 0.6), (3 / 4, 4 / 3)  # every such box fits in 40 x 40
+    boxes = A.random_resized_crop_boxes(4000, side, side, scale, ratio, generator=_gen(3))
+    x1, y1, x2, y2 = boxes.unbind(1)
+    bw, bh, eps = x2 - x1, y2 - y1, 1e-4
+    assert (bw < side).all() and (bh < side).all()
+    frac = bw * bh / side**2
+    assert frac.min() >= scale[0] - eps and frac.max() <= scale[1] + eps
+    aspect = bw / bh
+    assert aspect.min() >= ratio[0] - eps and aspect.max() <= ratio[1] + eps
+    # area ~ U(scale), log aspect ~ U(log ratio): means in the middle of the ranges
+    assert abs(frac.mean().item() - 0.4) < 0.01
+    assert abs(aspect.log().mean().item()) < 0.01
+    # positions spread over the free space
+    assert (x1 >= -eps).all() and (x2 <= side + eps).all() and x1.std() > 1 and y1.std() > 1
+
+
+def test_hflip_per_image():
+    x = _rand(1, 3, 5, 7).expand(64, -1, -1, -1)
+    y = A.random_hflip(x, 0.5, generator=_gen(3))
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    kept = (y == x).flatten(1).all(1)
+    assert (flipped ^ kept).all() and 10 < flipped.sum() < 54
+    assert torch.equal(A.random_hflip(x, 1.0), x.flip(-1))
+    assert torch.equal(A.random_hflip(x, 0.0), x)
+
+
+# --- colour ------------------------------------------------------------------------------
+
+
+def test_grayscale_matches_torchvision():
+    x = _rand(4, 3, 9, 9)
+    y = A.random_grayscale(x, p=1.0)
+    ref = TF.rgb_to_grayscale(x, num_output_channels=3)  # ITU-R 601-2 luma
+    torch.testing.assert_close(y, ref, atol=1e-3, rtol=0)
+    assert torch.equal(y[:, 0], y[:, 2])
+    assert torch.equal(A.random_grayscale(x, p=0.0), x)
+
+
+def test_solarize_matches_torchvision():
+    x = _rand(4, 3, 9, 9)
+    x[0, 0, 0, 0] = 0.5  # on the threshold: inverted, as in torchvision
+    y = A.random_solarize(x, p=1.0)
+    assert torch.equal(y, TF.solarize(x, threshold=0.5))
+    assert torch.equal(A.random_solarize(x, p=1.0, threshold=0.3), TF.solarize(x, 0.3))
+    assert torch.equal(A.random_solarize(x, p=0.0), x)
+
+
+def test_color_jitter_zero_strength_is_identity():
+    x = _rand(5, 3, 8, 8)
+    y = A.color_jitter(x, 0.0, 0.0, 0.0, 0.0, p=1.0, generator=_gen())
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+    assert torch.equal(A.color_jitter(x, p=0.0, generator=_gen()), x)
+
+
+def test_color_jitter_brightness_is_a_per_image_factor():
+    x = _rand(16, 3, 6, 6) * 0.5 + 0.1  # stays below 1 after x1.5: no clamping
+    y = A.color_jitter(x, 0.5, 0.0, 0.0, 0.0, p=1.0, generator=_gen(4))
+    ratio = (y / x).flatten(1)
+    factor = ratio.mean(1)
+    torch.testing.assert_close(ratio, factor[:, None].expand_as(ratio), atol=1e-4, rtol=0)
+    assert factor.min() >= 0.5 - 1e-4 and factor.max() <= 1.5 + 1e-4
+    assert factor.std() > 0.1  # drawn per image
+
+
+def test_color_jitter_hue_keeps_luma_and_stays_in_range():
+    x = _rand(8, 3, 6, 6) * 0.6 + 0.2
+    y = A.color_jitter(x, 0.0, 0.0, 0.0, 0.5, p=1.0, generator=_gen(5))
+    assert y.min() >= 0 and y.max() <= 1
+    luma = TF.rgb_to_grayscale(x)
+    inside = ((y > 1e-4) & (y < 1 - 1e-4)).all(1, keepdim=True)  # unclamped pixels
+    torch.testing.assert_close(A._gray(y)[inside], luma[inside], atol=2e-3, rtol=0)
+    assert (y - x).abs().amax() > 0.05
+
+
+# --- blur --------------------------------------------------------------------------------
+
+
+def test_blur_keeps_constant_image():
+    x = torch.full((3, 3, 32, 32), 0.3)
+    y = A.gaussian_blur(x, p=1.0, generator=_gen())
+    torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+
+
+def test_blur_impulse_response():
+    x = torch.zeros(2, 1, 224, 224)
+    x[:, :, 112, 112] = 1.0
+    y = A.gaussian_blur(x, p=1.0, sigma=(0.1, 2.0), generator=_gen(6))
+    torch.testing.assert_close(y.sum((1, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
+    patch = y[:, :, 100:125, 100:125]  # centred on the impulse
+    torch.testing.assert_close(patch, patch.flip(-1), atol=1e-7, rtol=0)
+    torch.testing.assert_close(patch, patch.flip(-2), atol=1e-7, rtol=0)
+    torch.testing.assert_close(patch, patch.transpose(-1, -2), atol=1e-7, rtol=0)
+    assert not torch.allclose(y[0], y[1])  # each image draws its own sigma
+
+
+def test_blur_matches_torchvision_kernel():
+    """At 224 px and a fixed sigma, the blur is torchvision's separable Gaussian (radius 3
+    sigma, reflect padding)."""
+    x = _rand(2, 3, 224, 224)
+    y = A.gaussian_blur(x, p=1.0, sigma=(1.5, 1.5))
+    radius = math.ceil(3 * 1.5)
+    ref = TF.gaussian_blur(x, kernel_size=[2 * radius + 1] * 2, sigma=[1.5, 1.5])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    assert torch.equal(A.gaussian_blur(x, p=0.0), x)
+
+
+# --- views -------------------------------------------------------------------------------
+
+
+def test_multicrop_views_sizes_and_range():
+    mc = A.MultiCrop(global_size=24, local_size=12, n_local=3)
+    images = (_rand(4, 3, 32, 32) * 255).to(torch.uint8)
+    views = mc(images, generator=_gen())
+    assert [tuple(v.shape) for v in views] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)] * 3
+    assert all(v.dtype == torch.float32 for v in views) and mc.n_global == 2
+    for v in views:  # every op keeps [0, 1]; normalising maps it to ((0, 1) - mean) / std
+        d = _denorm(v)
+        assert d.min() >= -1e-5 and d.max() <= 1 + 1e-5
+
+
+def test_multicrop_normalises_with_its_mean_std():
+    """A constant image survives crop, flip and blur unchanged, so each view is exactly
+    `normalize` of the colour; solarize (p=1) hits global view 2 only."""
+    colour = torch.tensor([200, 60, 140], dtype=torch.uint8)
+    images = colour.view(1, 3, 1, 1).expand(2, 3, 20, 20).contiguous()
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    mc = A.MultiCrop(global_size=16, local_size=8, n_local=2, jitter_p=0.0, grayscale_p=0.0,
+                     blur_p=(1.0, 1.0, 1.0), solarize_p=1.0, mean=mean, std=std)
+    views = mc(images, generator=_gen(7))
+    c = A.to_float(images)[:, :, :1, :1]
+    plain = A.normalize(c, mean, std)
+    solar = A.normalize(torch.where(c >= 0.5, 1 - c, c), mean, std)
+    manual = (c - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(plain, manual)
+    for i, v in enumerate(views):
+        ref = solar if i == 1 else plain
+        torch.testing.assert_close(v, ref.expand_as(v), atol=1e-5, rtol=0)
+
+
+def test_eval_transform_resizes_and_normalises():
+    images = (_rand(2, 3, 20, 20) * 255).to(torch.uint8)
+    y = A.EvalTransform(size=12)(images)
+    x = images.float() / 255
+    resized = TF.resize(x, [12, 12], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    ref = (resized - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    same = A.EvalTransform(size=20)(images)  # already the right size: normalise only
+    torch.testing.assert_close(same, (x - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1))
+    torch.testing.assert_close(A.EvalTransform()(images), same)
+
+
+def test_train_transform_shapes_and_range():
+    images = (_rand(4, 3, 20, 20) * 255).to(torch.uint8)
+    y = A.TrainTransform(size=16)(images, generator=_gen())
+    assert y.shape == (4, 3, 16, 16)
+    d = _denorm(y)
+    assert d.min() >= -1e-5 and d.max() <= 1 + 1e-5

@@ -1,0 +1,169 @@
+"""Index splits and the store data module: what a batch holds and which rows it covers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared.data.datamodule import StoreDataModule, StoreDataset, split_indices
+
+
+class ArraySource:
+    """An in-memory source: image i is filled with (i, label, 7) so rows are recognisable."""
+
+    def __init__(self, labels, size_hint: int = 8) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = [f"r{i}" for i in range(len(self.labels))]
+        self.class_names = [f"c{c}" for c in range(int(self.labels.max()) + 1)]
+        self.skip_corrupt = False
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self) -> dict:
+        return {"kind": "array", "labels": self.labels.tolist()}
+
+    def load(self, indices, size):
+        self.loads += 1
+        idx = torch.as_tensor(list(indices))
+        vals = torch.stack([idx, torch.as_tensor(self.labels)[idx], torch.full_like(idx, 7)], 1)
+        return vals.to(torch.uint8)[:, :, None, None].expand(-1, 3, size, size).clone(), []
+
+
+# 6 classes with 1..8 images: class 0 has a single image (it can only be in train).
+LABELS = np.repeat(np.arange(6), [1, 2, 3, 4, 6, 8])
+RNG_LABELS = np.random.default_rng(0).permutation(LABELS)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_instance_split(seed):
+    train, val = split_indices(RNG_LABELS, 0.25, "instance", seed=seed)
+    assert len(np.intersect1d(train, val)) == 0
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(LABELS)))
+    assert set(RNG_LABELS[train]) == set(range(6))  # every class keeps a train image
+    for c, n in enumerate([1, 2, 3, 4, 6, 8]):  # per class: round(0.25 n), at most n - 1
+        assert (RNG_LABELS[val] == c).sum() == min(n - 1, round(0.25 * n))
+    assert abs(len(val) / len(LABELS) - 0.25) < 0.1
+    again = split_indices(RNG_LABELS, 0.25, "instance", seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val), again))  # deterministic
+
+
+def test_instance_split_seed_changes_rows():
+    a = split_indices(RNG_LABELS, 0.5, "instance", seed=0)[1]
+    b = split_indices(RNG_LABELS, 0.5, "instance", seed=1)[1]
+    assert not np.array_equal(a, b)
+
+
+def test_class_split():
+    labels = np.repeat(np.arange(10), 3)
+    train, val = split_indices(labels, 0.3, "class", seed=4)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 30
+    train_classes, val_classes = set(labels[train]), set(labels[val])
+    assert not train_classes & val_classes and len(val_classes) == 3
+    assert train_classes | val_classes == set(range(10))
+    assert all((labels[val] == c).sum() == 3 for c in val_classes)  # whole classes
+
+
+@pytest.mark.parametrize(
+    "labels, fraction, split_by",
+    [
+        (np.arange(5), 0.3, "instance"),  # every class a singleton: nothing can go to val
+        (np.zeros(6, dtype=int), 0.3, "class"),  # one class: it goes to val, train is empty
+        (np.array([0, 0, 1]), 0.01, "instance"),  # fraction too small to pick any row
+    ],
+)
+def test_empty_split_raises(labels, fraction, split_by):
+    with pytest.raises(ValueError, match="empty split") as info:
+        split_indices(labels, fraction, split_by)
+    msg = str(info.value)
+    assert f"val_fraction={fraction}" in msg and f"split_by={split_by}" in msg
+
+
+def test_bad_split_arguments():
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        split_indices(LABELS, 1.0)
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        split_indices(LABELS, 0.0)
+    with pytest.raises(ValueError, match="'group'"):
+        split_indices(LABELS, 0.2, split_by="group")
+
+
+@pytest.fixture
+def dm(tmp_path) -> StoreDataModule:
+    dm = StoreDataModule(ArraySource(RNG_LABELS), str(tmp_path / "stores"), image_size=4,
+                         batch_size=5, eval_batch_size=7, val_fraction=0.25, seed=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _check_batch(dm, batch, size=4):
+    imgs, labels, index = batch["images"], batch["labels"], batch["index"]
+    assert set(batch) == {"images", "labels", "index"}
+    assert imgs.dtype == torch.uint8 and imgs.shape == (len(index), 3, size, size)
+    assert labels.dtype == torch.int64 and index.dtype == torch.int64
+    assert torch.equal(imgs, dm.store.images[index])
+    assert torch.equal(labels, dm.store.labels[index])
+    # The bytes carry their row and label: batch, store and source agree.
+    assert torch.equal(imgs[:, 0, 0, 0].long(), index)
+    assert torch.equal(imgs[:, 1, 0, 0].long(), torch.as_tensor(RNG_LABELS)[index])
+
+
+def test_batches_are_store_rows(dm):
+    train = dm.train_dataloader()
+    batches = list(train)
+    assert len(batches) == len(dm.train_indices) // 5  # drop_last
+    for b in batches:
+        assert len(b["index"]) == 5
+        _check_batch(dm, b)
+    seen = torch.cat([b["index"] for b in batches])
+    assert len(set(seen.tolist())) == len(seen) and set(seen.tolist()) <= set(dm.train_indices)
+
+    bank, query = dm.val_dataloader()
+    for loader, rows in ((bank, dm.train_indices), (query, dm.val_indices)):
+        got = [b for b in loader]
+        for b in got:
+            _check_batch(dm, b)
+        assert torch.equal(torch.cat([b["index"] for b in got]), torch.as_tensor(rows))
+    assert [len(b["index"]) for b in dm.test_dataloader()[1]] == [len(dm.val_indices)]
+
+
+def test_train_loader_shuffles(dm):
+    torch.manual_seed(0)
+    a = torch.cat([b["index"] for b in dm.train_dataloader()])
+    b = torch.cat([b["index"] for b in dm.train_dataloader()])
+    assert not torch.equal(a, b)
+
+
+def test_splits_counts_and_single_items(dm):
+    labels = torch.as_tensor(RNG_LABELS)
+    assert dm.num_classes == 6
+    assert dm.train_class_counts() == torch.bincount(labels[dm.train_indices], minlength=6).tolist()
+    expect = split_indices(RNG_LABELS, 0.25, "instance", seed=3)
+    assert np.array_equal(dm.train_indices, expect[0]) and np.array_equal(dm.val_indices, expect[1])
+    item = StoreDataset(dm.store, dm.val_indices)[2]
+    row = int(dm.val_indices[2])
+    assert int(item["index"]) == row and torch.equal(item["images"], dm.store.images[row])
+
+
+def test_store_built_once(tmp_path):
+    src = ArraySource(RNG_LABELS)
+    dm = StoreDataModule(src, str(tmp_path), image_size=4, batch_size=4)
+    dm.prepare_data()
+    loads = src.loads
+    dm.setup("fit")
+    dm.setup("validate")
+    other = StoreDataModule(src, str(tmp_path), image_size=4, batch_size=4)
+    other.setup("fit")
+    assert loads >= 1 and src.loads == loads
+    assert other.store.path == dm.store.path
+
+
+def test_small_split_keeps_its_only_batch(tmp_path):
+    """drop_last never drops a split smaller than one batch: training still sees data."""
+    dm = StoreDataModule(ArraySource(RNG_LABELS), str(tmp_path), image_size=4, batch_size=64)
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 1 and len(batches[0]["index"]) == len(dm.train_indices)
