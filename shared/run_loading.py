@@ -9,6 +9,7 @@ Checkpoints are read with `weights_only=True`: they hold tensors and plain value
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +39,14 @@ def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
     if which == "best" and last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=True)
         for key, value in state.get("callbacks", {}).items():
-            if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+            # the monitoring ModelCheckpoint (another one, monitor None, may write last.ckpt)
+            if key.startswith("ModelCheckpoint") and value.get("best_model_path") \
+                    and value.get("monitor"):
                 best = Path(value["best_model_path"])
+                if (ckpt_dir / best.name).is_file():  # this directory's copy (moved or copied)
+                    return ckpt_dir / best.name
                 if best.is_file():
                     return best
-                if (ckpt_dir / best.name).is_file():  # the run directory was moved
-                    return ckpt_dir / best.name
     if candidates:
         return candidates[-1]
     if last.is_file():
@@ -70,14 +73,46 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str = "cpu"
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     ckpt = find_checkpoint(run_dir, which)
     state = torch.load(ckpt, map_location=map_location, weights_only=True)
-    module_cls = hydra.utils.get_class(resolved.module._target_)
-    module = module_cls(**state["hyper_parameters"])
-    if hasattr(module, "net") and module.net is None:  # built lazily from the data
-        raise ValueError(f"{ckpt} lacks num_classes in its hyper-parameters")
-    module.load_state_dict(state["state_dict"])
+    module = build_module(resolved.module._target_, state, ckpt)
     module.eval()
     datamodule = hydra.utils.instantiate(resolved.data)
     return LoadedRun(run_dir, resolved, ckpt, module, datamodule, state.get("callbacks", {}))
+
+
+def build_module(target: str, state: dict, ckpt: Path) -> torch.nn.Module:
+    """The module class named by the config, built from the checkpoint's hyper-parameters and
+    loaded with its weights; every mismatch (another version of the code or of the config)
+    is reported by name."""
+    missing = [k for k in ("hyper_parameters", "state_dict") if k not in state]
+    if missing:
+        raise ValueError(f"{ckpt} has no {' and no '.join(missing)}: not a checkpoint written "
+                         "by this project's run()")
+    try:
+        module_cls = hydra.utils.get_class(target)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())
+        raise ImportError(f"module._target_={target!r} of the run's config cannot be imported "
+                          f"({reason}); is the config from another version of the code?") from exc
+    hparams = dict(state["hyper_parameters"])
+    params = inspect.signature(module_cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(hparams) - set(params))
+        required = sorted(n for n, p in params.items() if n != "self" and p.default is p.empty
+                          and p.kind is not p.VAR_POSITIONAL and n not in hparams)
+        if unknown or required:
+            raise ValueError(
+                f"{ckpt} does not fit {target} of this version: hyper-parameters "
+                f"{unknown or 'none'} are unknown to it and {required or 'none'} are missing")
+    module = module_cls(**hparams)
+    if hasattr(module, "net") and module.net is None:  # built lazily from the data
+        raise ValueError(f"{ckpt} lacks num_classes in its hyper-parameters")
+    result = module.load_state_dict(state["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{ckpt} does not fit {target} of this version: {len(result.missing_keys)} weights "
+            f"missing (e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:3]})")
+    return module
 
 
 class open_output_dir:

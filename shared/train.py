@@ -15,7 +15,9 @@ from omegaconf import DictConfig
 from shared.config import prepare_environment
 from shared.instantiate import instantiate, instantiate_group, save_resolved_config
 from shared.resume import check_compatible, resume_checkpoint
-from shared.summary import best_checkpoint, final_metric, log_run_summary
+from shared.summary import best_checkpoint, final_metric
+from shared.tracking.loggers import finish_loggers
+from shared.tracking.run_summary import RunSummaryCallback
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,10 @@ def run(cfg: DictConfig) -> float | None:
 
     datamodule = instantiate(cfg.data, "data")
     module = instantiate(cfg.module, "module")
-    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    # + parameter and FLOPs summary, at the first evaluation or fit start (once data is set up)
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + [RunSummaryCallback()]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-    log_run_summary(module, loggers, cfg)
 
     ckpt = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.auto_resume)
     if ckpt:
@@ -42,4 +44,5 @@ def run(cfg: DictConfig) -> float | None:
 
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))
+    finish_loggers(loggers)  # close the W&B run: a sweep's next job starts its own
     return metric
