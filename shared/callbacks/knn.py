@@ -14,7 +14,7 @@ class KNNCallback(EmbeddingCallback):
 
     Weight exp(sim / T) with T = 0.07 over the k nearest L2-normalised bank features
     (Wu et al. 2018; Caron et al. 2021). Logs `<stage>/knn_top1@k` for each k (capped at the
-    bank size) and keeps a JSON history + PNG curve in the run directory.
+    bank size, the name kept) and keeps a JSON history + PNG curve in the run directory.
     """
 
     def __init__(
@@ -40,7 +40,9 @@ class KNNCallback(EmbeddingCallback):
             bank["embeddings"], bank["labels"], query["embeddings"], query["labels"],
             ks=self.ks, temperature=self.temperature,
         )
-        metrics = {f"knn_top1@{k}": v for k, v in acc.items()}
+        # Names stay those of the config (a monitor needs them); k beyond the bank is capped.
+        n_bank = len(bank["labels"])
+        metrics = {f"knn_top1@{k}": acc[min(k, n_bank)] for k in self.ks}
         if not trainer.sanity_checking and trainer.is_global_zero and self.history_dir:
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
                                  **metrics})

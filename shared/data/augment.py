@@ -18,6 +18,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def no_autocast(fn):
+    """Augment in fp32 even inside a mixed-precision step (mixed dtypes break index_put)."""
+
+    def wrapped(self, images, *args, **kwargs):
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return fn(self, images, *args, **kwargs)
+
+    return wrapped
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float in [0, 1]."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
@@ -226,6 +236,7 @@ class MultiCrop:
         y = random_solarize(y, recipe.solarize_p, generator=generator)
         return normalize(y, self.mean, self.std)
 
+    @no_autocast
     def __call__(self, images: torch.Tensor, generator=None) -> list[torch.Tensor]:
         x = to_float(images)
         return [self.view(x, r, generator) for r in self.views]
@@ -237,6 +248,7 @@ class EvalTransform:
     def __init__(self, size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.size, self.mean, self.std = size, mean, std
 
+    @no_autocast
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = to_float(images)
         if self.size is not None and x.shape[-1] != self.size:
@@ -254,6 +266,7 @@ class TrainTransform:
         self.size, self.scale, self.flip_p = size, tuple(scale), flip_p
         self.jitter, self.jitter_p, self.mean, self.std = tuple(jitter), jitter_p, mean, std
 
+    @no_autocast
     def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         x = to_float(images)
         x = random_resized_crop(x, self.size, self.scale, generator=generator)

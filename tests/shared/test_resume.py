@@ -1,0 +1,54 @@
+"""A run refuses to resume from a last.ckpt of another module or model config (through run())."""
+
+import pytest
+import torch
+
+from shared.instantiate import instantiate
+from shared.resume import check_compatible
+from shared.train import run
+from tests.pipelines import TINY, TINY_SSL_DATA
+
+
+def write_checkpoint(module, path):
+    """What Lightning + EmbeddingModule.on_save_checkpoint put in a checkpoint's header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"module_class": f"{type(module).__module__}.{type(module).__qualname__}",
+                "hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+               path)
+
+
+def last_ckpt(cfg):
+    from pathlib import Path
+
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_resume_from_another_module_is_refused(compose_cfg):
+    other = compose_cfg("ssl", [*TINY_SSL_DATA, "module=dolg", "module.num_classes=12"])
+    cfg = compose_cfg("ssl", [*TINY["ssl"], "logger=none"])
+    write_checkpoint(instantiate(other.module, "module"), last_ckpt(cfg))
+    with pytest.raises(ValueError, match=r"holds a shared\.modules\.metric_learning\."
+                                         r"MetricLearningModule, but the config builds "
+                                         r"selfsup\.dino\.DINOModule"):
+        run(cfg)
+
+
+def test_resume_with_another_model_config_is_refused(compose_cfg):
+    other = compose_cfg("ssl", [*TINY["ssl"], "module.out_dim=128"])
+    cfg = compose_cfg("ssl", [*TINY["ssl"], "logger=none"])
+    write_checkpoint(instantiate(other.module, "module"), last_ckpt(cfg))
+    with pytest.raises(ValueError, match="out_dim: checkpoint=128 config=256"):
+        run(cfg)
+
+
+def test_values_read_from_the_data_are_not_a_mismatch(compose_cfg, tmp_path):
+    # num_classes is null in the config (filled from the data at setup) but saved in the
+    # checkpoint: a product-matching run must resume from its own last.ckpt.
+    saved = compose_cfg("matching", [*TINY["matching"], "module.num_classes=12"])
+    path = tmp_path / "last.ckpt"
+    write_checkpoint(instantiate(saved.module, "module"), path)
+    cfg = compose_cfg("matching", TINY["matching"])
+    check_compatible(str(path), instantiate(cfg.module, "module"))
+    bigger = compose_cfg("matching", [*TINY["matching"], "module.model.embedding_dim=64"])
+    with pytest.raises(ValueError, match="model: checkpoint="):
+        check_compatible(str(path), instantiate(bigger.module, "module"))
