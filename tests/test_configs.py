@@ -10,7 +10,7 @@ from tests.conftest import CONF
 PRIMARIES = ["ssl", "matching"]
 # Groups that only make sense for one pipeline, and options that need launcher plugins
 # or a sweeper are still composed: composing must never fail.
-GROUPS = ["data", "data/source", "backbone", "module", "head", "trainer", "callbacks", "logger",
+GROUPS = ["data", "data/source", "backbone", "module", "embedding", "head", "trainer", "callbacks", "logger",
           "debug", "experiment", "hparams_search", "hydra/launcher"]
 
 
@@ -34,8 +34,9 @@ def cases():
 
 @pytest.mark.parametrize("primary,group,option", list(cases()))
 def test_group_option_composes(compose_cfg, primary, group, option):
-    if group == "head":
-        override = f"head@module.head={option}"
+    if group in ("head", "embedding"):
+        target = "head" if group == "head" else "model"
+        override = f"{group}@module.{target}={option}"
         if primary == "ssl":
             override = f"module=dolg {override}"
         overrides = override.split()

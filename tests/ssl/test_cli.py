@@ -22,8 +22,10 @@ def cli(script: str, tmp_path: Path, *overrides: str, run_dir: Path | None = Non
     return cmd, env, run_dir
 
 
-def test_fast_dev_run(tmp_path):
-    cmd, env, run_dir = cli("ssl/run.py", tmp_path, "debug=fdr")
+@pytest.mark.parametrize("module", ["dino", "dolg", "cgd"])
+def test_fast_dev_run(tmp_path, module):
+    """`module=` is all it takes to switch DINO for supervised DOLG or CGD."""
+    cmd, env, run_dir = cli("ssl/run.py", tmp_path, "debug=fdr", f"module={module}")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/knn_top1@20" in out.stdout
