@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,9 @@ import shared.config  # noqa: F401  (registers resolvers, sets PROJECT_ROOT)
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the DDP tests fork ranks from this process, and a child forked from a
+# parent whose OpenMP pool has several threads can hang in its first parallel region.
+torch.set_num_threads(1)
 
 # Small, quick settings every pipeline test can start from.
 TINY_SYNTHETIC = [
