@@ -60,8 +60,9 @@ def time_reps(fn, reps: int) -> list[float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run-dir", default=None, help="benchmark a trained run instead")
     p.add_argument("--overrides", nargs="*", default=[], help="ssl config overrides")
     p.add_argument("--image-size", type=int, default=None, help="default: data.image_size")
@@ -99,33 +100,57 @@ def main() -> None:
                 for _ in range(args.reps):  # alternate, so load changes hit both alike
                     torch_t += time_reps(lambda x=x: module.embed(x), 1)
                     ort_t += time_reps(
-                        lambda s=session, a=x_np: s.run(["embeddings"], {"images": a}), 1)
+                        lambda s=session, a=x_np: s.run(["embeddings"], {"images": a}), 1
+                    )
                 for engine, times in (("torch", torch_t), ("onnxruntime", ort_t)):
-                    rows.append({
-                        "engine": engine, "threads": threads, "batch": batch,
-                        "ms": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times),
-                        "images_per_s": batch / min(times), "max_abs_diff": diff,
-                    })
-    print(f"\n{what}: uint8 [B, 3, {size}, {size}] -> embeddings; ONNX export {export_s:.1f} s, "
-          f"{onnx_bytes / 1e6:.1f} MB")
-    print(f"{'engine':<12} {'threads':>7} {'batch':>6} {'ms':>9} {'ms med':>9} {'img/s':>9} "
-          f"{'x torch':>8}")
+                    rows.append(
+                        {
+                            "engine": engine,
+                            "threads": threads,
+                            "batch": batch,
+                            "ms": 1e3 * min(times),
+                            "ms_median": 1e3 * statistics.median(times),
+                            "images_per_s": batch / min(times),
+                            "max_abs_diff": diff,
+                        }
+                    )
+    print(
+        f"\n{what}: uint8 [B, 3, {size}, {size}] -> embeddings; ONNX export {export_s:.1f} s, "
+        f"{onnx_bytes / 1e6:.1f} MB"
+    )
+    print(
+        f"{'engine':<12} {'threads':>7} {'batch':>6} {'ms':>9} {'ms med':>9} {'img/s':>9} "
+        f"{'x torch':>8}"
+    )
     speed = {(r["engine"], r["threads"], r["batch"]): r["images_per_s"] for r in rows}
     for r in rows:
         ratio = r["images_per_s"] / speed[("torch", r["threads"], r["batch"])]
-        print(f"{r['engine']:<12} {r['threads']:>7} {r['batch']:>6} {r['ms']:>9.2f} "
-              f"{r['ms_median']:>9.2f} {r['images_per_s']:>9.1f} {ratio:>8.2f}")
+        print(
+            f"{r['engine']:<12} {r['threads']:>7} {r['batch']:>6} {r['ms']:>9.2f} "
+            f"{r['ms_median']:>9.2f} {r['images_per_s']:>9.1f} {ratio:>8.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    out.write_text(json.dumps({
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or None,
-                    "python": platform.python_version(), "torch": torch.__version__,
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpu_count": os.cpu_count(),
+                    "processor": platform.processor() or None,
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
                     "onnxruntime": __import__("onnxruntime").__version__,
-                    "load_avg_1min": load},
-        "args": {**vars(args), "what": what, "image_size": size},
-        "export_seconds": export_s, "onnx_bytes": onnx_bytes, "results": rows,
-    }, indent=1))
+                    "load_avg_1min": load,
+                },
+                "args": {**vars(args), "what": what, "image_size": size},
+                "export_seconds": export_s,
+                "onnx_bytes": onnx_bytes,
+                "results": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

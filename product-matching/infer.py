@@ -19,13 +19,24 @@ def main() -> None:
     p.add_argument("--image-dir", default=None, help="folder of the images (default: CSV's)")
     p.add_argument("--out", default="matches.csv")
     p.add_argument("--threshold", type=float, default=None, help="override the run's threshold")
-    p.add_argument("--min2", type=float, default=None, help="keep the nearest other posting "
-                   "when its similarity is at least this")
+    p.add_argument(
+        "--min2",
+        type=float,
+        default=None,
+        help="keep the nearest other posting when its similarity is at least this",
+    )
     p.add_argument("--which", choices=["best", "last"], default="best")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    path = match_postings(args.run_dir, args.csv, args.out, args.image_dir, args.threshold,
-                          args.min2, which=args.which)
+    path = match_postings(
+        args.run_dir,
+        args.csv,
+        args.out,
+        args.image_dir,
+        args.threshold,
+        args.min2,
+        which=args.which,
+    )
     print(f"wrote {path}")
 
 

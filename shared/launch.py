@@ -60,47 +60,64 @@ def check_job(launcher: DictConfig, trainer: DictConfig, scheduler: str) -> list
     spawns = any(word in strategy for word in PROCESS_STARTING)
     gpus = launcher.get("gpus_per_node") or 0
     if accelerator == "auto":
-        problems.append("trainer.accelerator=auto: pick trainer=cpu|ddp_cpu|gpu|ddp so the "
-                        "launcher knows whether to request GPUs")
+        problems.append(
+            "trainer.accelerator=auto: pick trainer=cpu|ddp_cpu|gpu|ddp so the "
+            "launcher knows whether to request GPUs"
+        )
     elif accelerator in ("gpu", "cuda") and gpus != devices:
-        problems.append(f"hydra.launcher.gpus_per_node={gpus or None} but trainer.devices="
-                        f"{devices} GPUs")
+        problems.append(
+            f"hydra.launcher.gpus_per_node={gpus or None} but trainer.devices={devices} GPUs"
+        )
     elif accelerator == "cpu" and gpus:
-        problems.append(f"hydra.launcher.gpus_per_node={gpus} for a CPU run "
-                        "(trainer.accelerator=cpu)")
+        problems.append(
+            f"hydra.launcher.gpus_per_node={gpus} for a CPU run (trainer.accelerator=cpu)"
+        )
 
     if scheduler == "slurm":
         if launcher.tasks_per_node != devices:
             problems.append(
                 f"hydra.launcher.tasks_per_node={launcher.tasks_per_node} but trainer.devices="
                 f"{devices}: SLURM must start one task per device (Lightning then starts no "
-                "processes of its own); leave tasks_per_node at ${trainer.devices}")
+                "processes of its own); leave tasks_per_node at ${trainer.devices}"
+            )
         if launcher.nodes != nodes:
-            problems.append(f"hydra.launcher.nodes={launcher.nodes} but trainer.num_nodes="
-                            f"{nodes}; leave nodes at ${{trainer.num_nodes}}")
+            problems.append(
+                f"hydra.launcher.nodes={launcher.nodes} but trainer.num_nodes="
+                f"{nodes}; leave nodes at ${{trainer.num_nodes}}"
+            )
         if devices * nodes > 1 and spawns:
-            problems.append(f"trainer.strategy={strategy} starts its own processes, but under "
-                            "SLURM each device is already a task: use trainer.strategy=ddp "
-                            "(trainer=ddp)")
+            problems.append(
+                f"trainer.strategy={strategy} starts its own processes, but under "
+                "SLURM each device is already a task: use trainer.strategy=ddp "
+                "(trainer=ddp)"
+            )
         limit_s = launcher.timeout_min * 60
         if launcher.signal_delay_s >= limit_s:
-            problems.append(f"hydra.launcher.signal_delay_s={launcher.signal_delay_s} is not "
-                            f"below the time limit ({launcher.timeout_min} min): the job would "
-                            "be signalled at once")
+            problems.append(
+                f"hydra.launcher.signal_delay_s={launcher.signal_delay_s} is not "
+                f"below the time limit ({launcher.timeout_min} min): the job would "
+                "be signalled at once"
+            )
         if launcher.timeout_min <= 10 and launcher.max_num_timeout < 1:
-            problems.append("hydra.launcher.max_num_timeout=0 with timeout_min <= 10: submitit "
-                            "counts every preemption signal as a timeout, so no job would be "
-                            "requeued; set max_num_timeout >= 1")
+            problems.append(
+                "hydra.launcher.max_num_timeout=0 with timeout_min <= 10: submitit "
+                "counts every preemption signal as a timeout, so no job would be "
+                "requeued; set max_num_timeout >= 1"
+            )
     else:
         if launcher.tasks_per_node != 1 or launcher.nodes != 1:
-            problems.append("the local launcher runs one task on one node per job: set "
-                            "hydra.launcher.tasks_per_node=1 and nodes=1")
+            problems.append(
+                "the local launcher runs one task on one node per job: set "
+                "hydra.launcher.tasks_per_node=1 and nodes=1"
+            )
         if nodes != 1:
             problems.append(f"trainer.num_nodes={nodes}: the local launcher has one node")
         if devices > 1 and not spawns:
-            problems.append(f"trainer.devices={devices} with strategy={strategy}: Lightning's "
-                            "ddp would re-run the job's command line for its other ranks; use "
-                            "trainer=ddp_cpu (ddp_fork) or trainer.strategy=ddp_fork|ddp_spawn")
+            problems.append(
+                f"trainer.devices={devices} with strategy={strategy}: Lightning's "
+                "ddp would re-run the job's command line for its other ranks; use "
+                "trainer=ddp_cpu (ddp_fork) or trainer.strategy=ddp_fork|ddp_spawn"
+            )
     return problems
 
 
@@ -132,14 +149,16 @@ class LaunchCheck(Callback):
 
     def __init__(self, scheduler: str = "slurm") -> None:
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"LaunchCheck scheduler must be one of {SCHEDULERS}, "
-                             f"got {scheduler!r}")
+            raise ValueError(
+                f"LaunchCheck scheduler must be one of {SCHEDULERS}, got {scheduler!r}"
+            )
         self.scheduler = scheduler
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         raise LaunchConfigError(
             f"hydra/launcher={self.scheduler} launches multiruns only: add -m (without it the "
-            "run would start here, configured for a launcher that never runs it)")
+            "run would start here, configured for a launcher that never runs it)"
+        )
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = config.hydra.launcher
@@ -154,7 +173,8 @@ class LaunchCheck(Callback):
                 f"hydra/launcher={self.scheduler} does not fit the trainer; nothing was "
                 "submitted:\n  - " + "\n  - ".join(messages) + "\n(a sweep is one job array "
                 "with one resource request, resolved from the base config: sweep "
-                "trainer.devices / num_nodes / accelerator in separate multiruns)")
+                "trainer.devices / num_nodes / accelerator in separate multiruns)"
+            )
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -174,8 +194,12 @@ def _plain(value: Any) -> Any:
 
 def job_record(config: DictConfig, job_return: JobReturn) -> dict:
     """What a job returned, or the error it raised, as plain values."""
-    record = {"num": config.hydra.job.get("num"), "id": config.hydra.job.get("id"),
-              "overrides": list(job_return.overrides or []), "status": job_return.status.name}
+    record = {
+        "num": config.hydra.job.get("num"),
+        "id": config.hydra.job.get("id"),
+        "overrides": list(job_return.overrides or []),
+        "status": job_return.status.name,
+    }
     if job_return.status == JobStatus.COMPLETED:
         record["return_value"] = _plain(job_return._return_value)
     else:
@@ -200,10 +224,16 @@ def read_job_records(sweep_dir: Path) -> list[dict]:
             continue
         if outcome == "error":
             last = [line for line in str(value).strip().splitlines() if line.strip()][-1:]
-            records.append({"num": None, "id": result.parent.name, "overrides": [],
-                            "status": "CRASHED", "error": " ".join(last),
-                            "dir": str(result.with_name(result.name.replace(
-                                "_result.pkl", "_log.err")))})
+            records.append(
+                {
+                    "num": None,
+                    "id": result.parent.name,
+                    "overrides": [],
+                    "status": "CRASHED",
+                    "error": " ".join(last),
+                    "dir": str(result.with_name(result.name.replace("_result.pkl", "_log.err"))),
+                }
+            )
     return records
 
 
@@ -215,8 +245,11 @@ def format_report(records: list[dict]) -> str:
     for r in sorted(records, key=lambda r: (r["num"] is None, r["num"] or 0, str(r["id"]))):
         name = f"job {r['num']}" if r["num"] is not None else f"submitit job {r['id']}"
         own = " ".join(o for o in r["overrides"] if o not in shared)
-        what = (f"returned {r['return_value']}" if r["status"] == "COMPLETED"
-                else f"{r['status']}: {r['error']}")
+        what = (
+            f"returned {r['return_value']}"
+            if r["status"] == "COMPLETED"
+            else f"{r['status']}: {r['error']}"
+        )
         lines.append(f"  {name}{f' [{own}]' if own else ''} {what}  ({r['dir']})")
     return "\n".join(lines)
 
@@ -252,17 +285,21 @@ class JobReport(Callback):
         records = read_job_records(Path(self._sweep_dir))
         failed = [r for r in records if r["status"] != "COMPLETED"]
         if failed:
-            log.error("%d of %d jobs failed in %s:\n%s", len(failed), len(records),
-                      self._sweep_dir, format_report(records))
+            log.error(
+                "%d of %d jobs failed in %s:\n%s",
+                len(failed),
+                len(records),
+                self._sweep_dir,
+                format_report(records),
+            )
         elif records:
-            log.info("%d jobs in %s:\n%s", len(records), self._sweep_dir,
-                     format_report(records))
+            log.info("%d jobs in %s:\n%s", len(records), self._sweep_dir, format_report(records))
 
 
 # ------------------------------------------------------------------------------- sweeps
 def _sqlite_path(storage: str | None) -> Path | None:
     prefix = "sqlite:///"
-    return Path(storage[len(prefix):]) if storage and storage.startswith(prefix) else None
+    return Path(storage[len(prefix) :]) if storage and storage.startswith(prefix) else None
 
 
 class ResumableStudy(Callback):
@@ -302,5 +339,10 @@ class ResumableStudy(Callback):
             # invocation's random start-up points.
             if sweeper.get("sampler") and sweeper.sampler.get("seed") is not None:
                 sweeper.sampler.seed = int(sweeper.sampler.seed) + n
-        log.info("Study %r holds %d trials: continuing it; new jobs in %s/resume%d_<job>",
-                 sweeper.study_name, n, config.hydra.sweep.dir, n)
+        log.info(
+            "Study %r holds %d trials: continuing it; new jobs in %s/resume%d_<job>",
+            sweeper.study_name,
+            n,
+            config.hydra.sweep.dir,
+            n,
+        )

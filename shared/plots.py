@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 
-def plot_curves(rows: list[dict], x: str, keys: list[str], path: str | Path,
-                ylabel: str = "") -> Path:
+def plot_curves(
+    rows: list[dict], x: str, keys: list[str], path: str | Path, ylabel: str = ""
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -37,14 +37,26 @@ def check_compatible(ckpt: str, module) -> None:
     saved = state.get("hyper_parameters", {})
     current = dict(module.hparams)
     # A null in the config (e.g. num_classes) is filled from the data at setup: not a mismatch.
-    diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)
-            if k in RESUME_SENSITIVE and current.get(k) is not None
-            and saved.get(k) != current.get(k)}
+    diff = {
+        k: (saved.get(k), current.get(k))
+        for k in set(saved) | set(current)
+        if k in RESUME_SENSITIVE and current.get(k) is not None and saved.get(k) != current.get(k)
+    }
     if diff:
         lines = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {ckpt} does not match the config ({lines})")
 
 
 # Keys that change parameter shapes or meaning; others (lr, schedules) may change on resume.
-RESUME_SENSITIVE = {"backbone", "out_dim", "hidden_dim", "bottleneck_dim", "head_layers",
-                    "embedding_dim", "num_classes", "model", "head", "subcenters"}
+RESUME_SENSITIVE = {
+    "backbone",
+    "out_dim",
+    "hidden_dim",
+    "bottleneck_dim",
+    "head_layers",
+    "embedding_dim",
+    "num_classes",
+    "model",
+    "head",
+    "subcenters",
+}

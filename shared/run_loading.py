@@ -40,8 +40,11 @@ def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
         state = torch.load(last, map_location="cpu", weights_only=True)
         for key, value in state.get("callbacks", {}).items():
             # the monitoring ModelCheckpoint (another one, monitor None, may write last.ckpt)
-            if key.startswith("ModelCheckpoint") and value.get("best_model_path") \
-                    and value.get("monitor"):
+            if (
+                key.startswith("ModelCheckpoint")
+                and value.get("best_model_path")
+                and value.get("monitor")
+            ):
                 best = Path(value["best_model_path"])
                 if (ckpt_dir / best.name).is_file():  # this directory's copy (moved or copied)
                     return ckpt_dir / best.name
@@ -85,24 +88,35 @@ def build_module(target: str, state: dict, ckpt: Path) -> torch.nn.Module:
     is reported by name."""
     missing = [k for k in ("hyper_parameters", "state_dict") if k not in state]
     if missing:
-        raise ValueError(f"{ckpt} has no {' and no '.join(missing)}: not a checkpoint written "
-                         "by this project's run()")
+        raise ValueError(
+            f"{ckpt} has no {' and no '.join(missing)}: not a checkpoint written "
+            "by this project's run()"
+        )
     try:
         module_cls = hydra.utils.get_class(target)
     except Exception as exc:
         reason = " ".join(str(exc).split())
-        raise ImportError(f"module._target_={target!r} of the run's config cannot be imported "
-                          f"({reason}); is the config from another version of the code?") from exc
+        raise ImportError(
+            f"module._target_={target!r} of the run's config cannot be imported "
+            f"({reason}); is the config from another version of the code?"
+        ) from exc
     hparams = dict(state["hyper_parameters"])
     params = inspect.signature(module_cls.__init__).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(hparams) - set(params))
-        required = sorted(n for n, p in params.items() if n != "self" and p.default is p.empty
-                          and p.kind is not p.VAR_POSITIONAL and n not in hparams)
+        required = sorted(
+            n
+            for n, p in params.items()
+            if n != "self"
+            and p.default is p.empty
+            and p.kind is not p.VAR_POSITIONAL
+            and n not in hparams
+        )
         if unknown or required:
             raise ValueError(
                 f"{ckpt} does not fit {target} of this version: hyper-parameters "
-                f"{unknown or 'none'} are unknown to it and {required or 'none'} are missing")
+                f"{unknown or 'none'} are unknown to it and {required or 'none'} are missing"
+            )
     module = module_cls(**hparams)
     if hasattr(module, "net") and module.net is None:  # built lazily from the data
         raise ValueError(f"{ckpt} lacks num_classes in its hyper-parameters")
@@ -111,7 +125,8 @@ def build_module(target: str, state: dict, ckpt: Path) -> torch.nn.Module:
         raise ValueError(
             f"{ckpt} does not fit {target} of this version: {len(result.missing_keys)} weights "
             f"missing (e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
-            f"(e.g. {result.unexpected_keys[:3]})")
+            f"(e.g. {result.unexpected_keys[:3]})"
+        )
     return module
 
 

@@ -12,8 +12,11 @@ log = logging.getLogger(__name__)
 def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"params/total": total, "params/trainable": trainable,
-            "params/frozen": total - trainable}
+    return {
+        "params/total": total,
+        "params/trainable": trainable,
+        "params/frozen": total - trainable,
+    }
 
 
 @torch.no_grad()
@@ -47,8 +50,9 @@ def log_run_summary(module, loggers, cfg=None, images: torch.Tensor | None = Non
     counts: dict = parameter_counts(module)
     if images is not None:
         counts.update(flop_counts(module, images))
-    text = ", ".join(f"{k.split('/')[1]} {v / 1e6:.2f}M" for k, v in counts.items()
-                     if k.startswith("params/"))
+    text = ", ".join(
+        f"{k.split('/')[1]} {v / 1e6:.2f}M" for k, v in counts.items() if k.startswith("params/")
+    )
     if "flops/per_image" in counts:
         text += f"; embed {counts['flops/per_image'] / 1e9:.3f} GFLOPs per image"
     log.info("Model %s: %s", type(module).__name__, text)

@@ -24,44 +24,81 @@ def _replace(base: list[str], *extra: str) -> list[str]:
 
 # Small enough for seconds per epoch on one CPU core. SSL: at least 2 validation images per
 # class (Recall@K needs a second item of the label) and a kNN bank of >= 20 (val/knn_top1@20).
-TINY_SSL_DATA = _replace(TINY_SYNTHETIC, "data.source.min_instances=4",
-                         "data.source.max_instances=6", "data.val_fraction=0.5",
-                         "backbone.name=test_resnet")
+TINY_SSL_DATA = _replace(
+    TINY_SYNTHETIC,
+    "data.source.min_instances=4",
+    "data.source.max_instances=6",
+    "data.val_fraction=0.5",
+    "backbone.name=test_resnet",
+)
 TINY = {
-    "ssl": [*TINY_SSL_DATA, "module.out_dim=256", "module.hidden_dim=128",
-            "module.bottleneck_dim=64", "module.multicrop.global_size=32",
-            "module.multicrop.local_size=16", "module.multicrop.n_local=2"],
+    "ssl": [
+        *TINY_SSL_DATA,
+        "module.out_dim=256",
+        "module.hidden_dim=128",
+        "module.bottleneck_dim=64",
+        "module.multicrop.global_size=32",
+        "module.multicrop.local_size=16",
+        "module.multicrop.n_local=2",
+    ],
     "matching": [
-        "data.synthetic.num_families=6", "data.synthetic.groups_per_family=2",
-        "data.synthetic.min_instances=3", "data.synthetic.max_instances=5",
-        "data.synthetic.image_size=32", "data.image_size=32", "data.batch_size=8",
-        "data.eval_batch_size=16", "backbone.name=test_resnet", "module.model.local_dim=32",
-        "module.model.global_dim=32", "module.model.embedding_dim=32"],
+        "data.synthetic.num_families=6",
+        "data.synthetic.groups_per_family=2",
+        "data.synthetic.min_instances=3",
+        "data.synthetic.max_instances=5",
+        "data.synthetic.image_size=32",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "backbone.name=test_resnet",
+        "module.model.local_dim=32",
+        "module.model.global_dim=32",
+        "module.model.embedding_dim=32",
+    ],
 }
 
 # A few batches per epoch, validated (and checkpointed) every epoch, no progress bars.
-SHORT = ["trainer.max_epochs=2", "+trainer.limit_train_batches=2",
-         "trainer.check_val_every_n_epoch=1", "trainer.enable_progress_bar=false"]
+SHORT = [
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=2",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.enable_progress_bar=false",
+]
 
 
-def cli(pipeline: str, tmp_path: Path, *overrides: str, multirun: bool = False,
-        data_dir: Path | None = None) -> list[str]:
+def cli(
+    pipeline: str,
+    tmp_path: Path,
+    *overrides: str,
+    multirun: bool = False,
+    data_dir: Path | None = None,
+) -> list[str]:
     """The command line of one run (`hydra.run.dir`) or sweep (`hydra.sweep.dir`);
     `overrides` replace the tiny defaults of the same key."""
-    dirs = ([f"hydra.sweep.dir={tmp_path / 'sweep'}"] if multirun
-            else [f"hydra.run.dir={tmp_path / 'run'}"])
-    base = [*TINY[pipeline], *SHORT, *dirs, f"paths.data_dir={data_dir or tmp_path / 'data'}",
-            f"paths.log_dir={tmp_path / 'logs'}"]
-    return [sys.executable, str(REPO / SCRIPTS[pipeline]), *(["-m"] if multirun else []),
-            *_replace(base, *overrides)]
+    dirs = (
+        [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+        if multirun
+        else [f"hydra.run.dir={tmp_path / 'run'}"]
+    )
+    base = [
+        *TINY[pipeline],
+        *SHORT,
+        *dirs,
+        f"paths.data_dir={data_dir or tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    return [
+        sys.executable,
+        str(REPO / SCRIPTS[pipeline]),
+        *(["-m"] if multirun else []),
+        *_replace(base, *overrides),
+    ]
 
 
 def env() -> dict[str, str]:
     """One thread per process: the tests share two cores, and runs stay reproducible."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-            "HYDRA_FULL_ERROR": "1"}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
 
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)

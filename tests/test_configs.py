@@ -10,8 +10,21 @@ from tests.conftest import CONF
 PRIMARIES = ["ssl", "matching"]
 # Groups that only make sense for one pipeline, and options that need launcher plugins
 # or a sweeper are still composed: composing must never fail.
-GROUPS = ["data", "data/source", "backbone", "module", "embedding", "head", "trainer",
-          "callbacks", "logger", "debug", "experiment", "hparams_search", "hydra/launcher"]
+GROUPS = [
+    "data",
+    "data/source",
+    "backbone",
+    "module",
+    "embedding",
+    "head",
+    "trainer",
+    "callbacks",
+    "logger",
+    "debug",
+    "experiment",
+    "hparams_search",
+    "hydra/launcher",
+]
 
 
 def options(group: str) -> list[str]:

@@ -33,8 +33,7 @@ class RankMetrics(Callback):
         self.out = out
 
     def on_validation_end(self, trainer, pl_module):
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if k.startswith("val/")}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         torch.save(metrics, os.path.join(self.out, f"metrics_rank{_rank()}.pt"))
 
 
@@ -45,8 +44,9 @@ class RankHead(Callback):
         self.out = out
 
     def on_train_end(self, trainer, pl_module):
-        torch.save(pl_module.head.weight.detach().clone(),
-                   os.path.join(self.out, f"head_rank{_rank()}.pt"))
+        torch.save(
+            pl_module.head.weight.detach().clone(), os.path.join(self.out, f"head_rank{_rank()}.pt")
+        )
 
 
 class RecordingIO(TorchCheckpointIO):
@@ -80,19 +80,31 @@ def val_rows(csv_dir: Path, key: str) -> list[dict]:
 @pytest.mark.parametrize("pipeline,key", [("ssl", "val/knn_top1@20"), ("matching", "val/f1")])
 def test_validate_on_two_ranks_equals_one_process(compose_cfg, tmp_path, pipeline, key):
     cfg, module = build(compose_cfg, pipeline, "trainer=cpu")
-    single = instantiate(cfg.trainer, "trainer", logger=False, enable_progress_bar=False,
-                         callbacks=instantiate_group(cfg.callbacks, "callbacks"))
-    expected = {k: float(v) for k, v in
-                single.validate(module, datamodule=instantiate(cfg.data, "data"))[0].items()}
+    single = instantiate(
+        cfg.trainer,
+        "trainer",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=instantiate_group(cfg.callbacks, "callbacks"),
+    )
+    expected = {
+        k: float(v)
+        for k, v in single.validate(module, datamodule=instantiate(cfg.data, "data"))[0].items()
+    }
 
     ddp_cfg = compose_cfg(CONFIG[pipeline], [*TINY[pipeline], "trainer=ddp_cpu"])
-    ddp = instantiate(ddp_cfg.trainer, "trainer", enable_progress_bar=False,
-                      logger=CSVLogger(tmp_path / "csv", name="ddp"),
-                      callbacks=[*instantiate_group(ddp_cfg.callbacks, "callbacks"),
-                                 RankMetrics(str(tmp_path))])
+    ddp = instantiate(
+        ddp_cfg.trainer,
+        "trainer",
+        enable_progress_bar=False,
+        logger=CSVLogger(tmp_path / "csv", name="ddp"),
+        callbacks=[*instantiate_group(ddp_cfg.callbacks, "callbacks"), RankMetrics(str(tmp_path))],
+    )
     assert ddp.world_size == 2 and ddp_cfg.trainer.strategy == "ddp_fork"
-    got = {k: float(v) for k, v in
-           ddp.validate(module, datamodule=instantiate(ddp_cfg.data, "data"))[0].items()}
+    got = {
+        k: float(v)
+        for k, v in ddp.validate(module, datamodule=instantiate(ddp_cfg.data, "data"))[0].items()
+    }
 
     assert key in expected
     if pipeline == "matching":
@@ -105,15 +117,24 @@ def test_validate_on_two_ranks_equals_one_process(compose_cfg, tmp_path, pipelin
 
 
 def test_fit_on_two_ranks_syncs_the_arcface_head_and_rank0_writes(compose_cfg, tmp_path):
-    cfg, module = build(compose_cfg, "matching", "trainer=ddp_cpu", "trainer.max_epochs=1",
-                        "+trainer.limit_train_batches=1", "trainer.check_val_every_n_epoch=1")
+    cfg, module = build(
+        compose_cfg,
+        "matching",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1",
+        "trainer.check_val_every_n_epoch=1",
+    )
     initial = module.head.weight.detach().clone()
     saves = tmp_path / "saves.log"
-    trainer = instantiate(cfg.trainer, "trainer", enable_progress_bar=False,
-                          logger=CSVLogger(tmp_path / "csv", name="fit"),
-                          plugins=[RecordingIO(str(saves))],
-                          callbacks=[*instantiate_group(cfg.callbacks, "callbacks"),
-                                     RankHead(str(tmp_path))])
+    trainer = instantiate(
+        cfg.trainer,
+        "trainer",
+        enable_progress_bar=False,
+        logger=CSVLogger(tmp_path / "csv", name="fit"),
+        plugins=[RecordingIO(str(saves))],
+        callbacks=[*instantiate_group(cfg.callbacks, "callbacks"), RankHead(str(tmp_path))],
+    )
     trainer.fit(module, datamodule=instantiate(cfg.data, "data"))
 
     heads = [torch.load(tmp_path / f"head_rank{r}.pt") for r in (0, 1)]

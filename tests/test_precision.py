@@ -20,12 +20,21 @@ class Losses(Callback):
 
 
 def train_one_step(compose_cfg, *overrides):
-    one_step = ["trainer.max_epochs=1", "+trainer.limit_train_batches=1",
-                "+trainer.limit_val_batches=0"]
+    one_step = [
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=0",
+    ]
     cfg = compose_cfg("matching", [*TINY["matching"], *overrides, *one_step])
     losses = Losses()
-    trainer = instantiate(cfg.trainer, "trainer", logger=False, callbacks=[losses],
-                          enable_checkpointing=False, enable_progress_bar=False)
+    trainer = instantiate(
+        cfg.trainer,
+        "trainer",
+        logger=False,
+        callbacks=[losses],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     module = instantiate(cfg.module, "module")
     trainer.fit(module, datamodule=instantiate(cfg.data, "data"))
     return cfg, trainer, module, losses.values
@@ -60,8 +69,9 @@ def test_bf16_preset_on_the_cpu(compose_cfg):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_mixed_precision_presets_on_a_gpu(compose_cfg, preset, dtype):
-    cfg, trainer, module, losses = train_one_step(compose_cfg, "trainer=gpu",
-                                                  f"trainer/precision={preset}")
+    cfg, trainer, module, losses = train_one_step(
+        compose_cfg, "trainer=gpu", f"trainer/precision={preset}"
+    )
     assert trainer.precision == {"fp16": "16-mixed", "bf16": "bf16-mixed"}[preset]
     assert losses and all(math.isfinite(v) for v in losses)
     check_head_in_fp32(module.head, "cuda", dtype)

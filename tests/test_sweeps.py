@@ -13,10 +13,12 @@ METRIC = {"ssl": "val/knn_top1@20", "matching": "val/f1"}
 
 def best_score(job_dir):
     """The monitored checkpoint's best score, read from the job's own last.ckpt."""
-    state = torch.load(job_dir / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)
-    scores = [v["best_model_score"] for k, v in state["callbacks"].items()
-              if k.startswith("ModelCheckpoint") and v.get("monitor")]
+    state = torch.load(job_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    scores = [
+        v["best_model_score"]
+        for k, v in state["callbacks"].items()
+        if k.startswith("ModelCheckpoint") and v.get("monitor")
+    ]
     return float(scores[0])
 
 
@@ -32,8 +34,16 @@ def test_local_multirun_runs_every_value(tmp_path):
 
 
 def optuna_sweep(pipeline, tmp_path, n_trials):
-    out = run(cli(pipeline, tmp_path, f"hparams_search={pipeline}_optuna",
-                  f"hydra.sweeper.n_trials={n_trials}", *QUICK, multirun=True))
+    out = run(
+        cli(
+            pipeline,
+            tmp_path,
+            f"hparams_search={pipeline}_optuna",
+            f"hydra.sweeper.n_trials={n_trials}",
+            *QUICK,
+            multirun=True,
+        )
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "sweep"
     storage = f"sqlite:///{sweep / 'optuna.db'}"
@@ -56,8 +66,9 @@ def test_optuna_best_value_is_the_best_jobs_metric(tmp_path, pipeline):
     assert study.best_value == pytest.approx(max(jobs.values()))
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     assert results.best_value == pytest.approx(study.best_value)
-    assert OmegaConf.load(sweep / "0" / ".hydra" / "config.yaml").optimized_metric == \
-        METRIC[pipeline]
+    assert (
+        OmegaConf.load(sweep / "0" / ".hydra" / "config.yaml").optimized_metric == METRIC[pipeline]
+    )
 
 
 @pytest.mark.slow
@@ -67,15 +78,18 @@ def test_optuna_sweep_resumes_its_study_in_new_job_dirs(tmp_path):
     _, study = optuna_sweep("ssl", tmp_path, 2)
     assert len(study.trials) == 4
     assert {p: p.stat().st_mtime_ns for p in first} == first  # earlier trials untouched
-    assert sorted(p.parent.name for p in sweep.glob("*/job_return.yaml")) == \
-        ["0", "1", "resume2_0", "resume2_1"]
+    assert sorted(p.parent.name for p in sweep.glob("*/job_return.yaml")) == [
+        "0",
+        "1",
+        "resume2_0",
+        "resume2_1",
+    ]
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4  # no repeats
 
 
 @pytest.mark.slow
 def test_local_submitit_launcher_runs_jobs_as_processes(tmp_path):
-    out = run(cli("matching", tmp_path, "hydra/launcher=local", "seed=0,1", *QUICK,
-                  multirun=True))
+    out = run(cli("matching", tmp_path, "hydra/launcher=local", "seed=0,1", *QUICK, multirun=True))
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "sweep"
     records = [OmegaConf.load(sweep / str(n) / "job_return.yaml") for n in (0, 1)]

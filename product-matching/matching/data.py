@@ -55,8 +55,10 @@ class ProductsDataModule(StoreDataModule):
     ) -> None:
         super().__init__(source=None, store_root=store_root, **kwargs)
         if not 0 <= fold < n_folds:
-            raise ValueError(f"data.fold={fold} is out of range: n_folds={n_folds} "
-                             f"(valid folds 0..{n_folds - 1})")
+            raise ValueError(
+                f"data.fold={fold} is out of range: n_folds={n_folds} "
+                f"(valid folds 0..{n_folds - 1})"
+            )
         if csv_path is None and not synthetic:
             raise ValueError("set data.csv_path (your postings CSV) or data.synthetic")
         self.csv_path, self.image_dir = csv_path, image_dir
@@ -71,9 +73,14 @@ class ProductsDataModule(StoreDataModule):
                 out = Path(self.synthetic_dir or Path(self.store_root) / "synthetic_postings")
                 csv = synthetic_postings(out, self.synthetic)
                 image_dir = Path(csv).parent / "images"
-            self.source = CsvSource(str(csv), image_dir, image_col="image",
-                                    label_col="label_group", id_col="posting_id",
-                                    skip_corrupt=self.skip_corrupt)
+            self.source = CsvSource(
+                str(csv),
+                image_dir,
+                image_col="image",
+                label_col="label_group",
+                id_col="posting_id",
+                skip_corrupt=self.skip_corrupt,
+            )
         return self.source
 
     def _build(self):
@@ -84,8 +91,9 @@ class ProductsDataModule(StoreDataModule):
         frame = self.source.frame
         if self.store.meta.get("num_skipped"):
             frame = frame.set_index("posting_id").loc[self.store.ids].reset_index()
-        self.folds = load_or_make_folds(frame, self.store.path / f"folds{self.n_folds}.json",
-                                        self.n_folds)
+        self.folds = load_or_make_folds(
+            frame, self.store.path / f"folds{self.n_folds}.json", self.n_folds
+        )
         val = np.flatnonzero(self.folds == self.fold)
         train = np.flatnonzero(self.folds != self.fold)
         if len(val) == 0:

@@ -14,16 +14,24 @@ from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import neighbourhood_blend, plot_threshold_sweep, threshold_sweep
 
 
-def sweep_embeddings(embeddings, labels, thresholds, k: int = 51, min2: float | None = None,
-                     blend_k: int | None = None, blend_threshold: float | None = None):
+def sweep_embeddings(
+    embeddings,
+    labels,
+    thresholds,
+    k: int = 51,
+    min2: float | None = None,
+    blend_k: int | None = None,
+    blend_threshold: float | None = None,
+):
     """Search (k = 51: groups of at most 50 plus the posting itself), optionally blend each
     embedding with its neighbours and search again, then sweep all thresholds."""
     if len(embeddings) == 0:
         raise ValueError("threshold sweep on an empty validation fold")
     sims, idx = knn_search(embeddings, embeddings, k)
     if blend_k:
-        embeddings = neighbourhood_blend(embeddings, sims, idx, k=blend_k,
-                                         threshold=blend_threshold)
+        embeddings = neighbourhood_blend(
+            embeddings, sims, idx, k=blend_k, threshold=blend_threshold
+        )
         sims, idx = knn_search(embeddings, embeddings, k)
     return threshold_sweep(sims, idx, np.asarray(labels), thresholds, min2=min2), sims, idx
 
@@ -59,11 +67,16 @@ class MatchingEvalCallback(EmbeddingCallback):
     def evaluate(self, data, trainer) -> dict[str, float]:
         fold = data[self.loader]
         emb, labels = fold["embeddings"].numpy(), fold["labels"].numpy()
-        result, _, _ = sweep_embeddings(emb, labels, self.thresholds, self.k, self.min2,
-                                        self.blend_k, self.blend_threshold)
+        result, _, _ = sweep_embeddings(
+            emb, labels, self.thresholds, self.k, self.min2, self.blend_k, self.blend_threshold
+        )
         b = result.best_index
-        metrics = {"f1": result.best_f1, "threshold": result.best_threshold,
-                   "precision": float(result.precision[b]), "recall": float(result.recall[b])}
+        metrics = {
+            "f1": result.best_f1,
+            "threshold": result.best_threshold,
+            "precision": float(result.precision[b]),
+            "recall": float(result.recall[b]),
+        }
         if len(np.unique(labels)) < len(labels):
             metrics.update(retrieval_metrics(emb, labels, ks=(1,)))
         if not trainer.sanity_checking:
@@ -77,8 +90,11 @@ class MatchingEvalCallback(EmbeddingCallback):
         plot_threshold_sweep(result, out / "threshold_sweep.png")
         self.history.append({"epoch": trainer.current_epoch, **metrics})
         tmp = out / f".matching_eval.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({"latest": result.to_dict(), "history": self.history},
-                                  indent=1, default=float))
+        tmp.write_text(
+            json.dumps(
+                {"latest": result.to_dict(), "history": self.history}, indent=1, default=float
+            )
+        )
         os.replace(tmp, out / "matching_eval.json")
 
     def state_dict(self):

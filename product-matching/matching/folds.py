@@ -39,8 +39,12 @@ def linked_components(label_groups: np.ndarray, phashes: np.ndarray | None) -> n
     return np.array([find(i) for i in range(n)])
 
 
-def make_folds(frame: pd.DataFrame, n_folds: int = 5, label_col: str = "label_group",
-               phash_col: str | None = "image_phash") -> np.ndarray:
+def make_folds(
+    frame: pd.DataFrame,
+    n_folds: int = 5,
+    label_col: str = "label_group",
+    phash_col: str | None = "image_phash",
+) -> np.ndarray:
     """Fold number (0..n_folds-1) per row; groups and phash-linked groups never split."""
     if label_col not in frame.columns:
         raise ValueError(f"folds need column {label_col!r}; the CSV has {list(frame.columns)}")
@@ -55,8 +59,9 @@ def make_folds(frame: pd.DataFrame, n_folds: int = 5, label_col: str = "label_gr
     return folds
 
 
-def load_or_make_folds(frame: pd.DataFrame, path: str | Path, n_folds: int = 5,
-                       ids_col: str = "posting_id", **kwargs) -> np.ndarray:
+def load_or_make_folds(
+    frame: pd.DataFrame, path: str | Path, n_folds: int = 5, ids_col: str = "posting_id", **kwargs
+) -> np.ndarray:
     """Folds written once as `<path>` (JSON of posting id -> fold), reused while they match."""
     path = Path(path)
     ids = frame[ids_col].astype(str).tolist()

@@ -32,7 +32,7 @@ def run_threshold(callbacks_state: dict) -> float | None:
 def embed_store(module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="Embedding postings"):
-        out.append(module.embed(torch.as_tensor(images[start:start + batch_size])).cpu())
+        out.append(module.embed(torch.as_tensor(images[start : start + batch_size])).cpu())
     return torch.cat(out).numpy()
 
 
@@ -71,8 +71,9 @@ def match_postings(
         threshold = run_threshold(run.callbacks_state)
         if threshold is None:
             raise ValueError(f"{run.checkpoint} stores no threshold: pass one explicitly")
-    source = CsvSource(str(csv_path), str(image_dir) if image_dir else None,
-                       label_col=None, id_col="posting_id")
+    source = CsvSource(
+        str(csv_path), str(image_dir) if image_dir else None, label_col=None, id_col="posting_id"
+    )
     size = int(run.config.data.image_size)
     root = Path(store_root) if store_root else Path(run.run_dir) / "inference_stores"
     store = build_store(source, root, size, name="postings")

@@ -42,8 +42,11 @@ class EmbeddingCallback(Callback):
             parts = self._parts[i]
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             index, emb, labels = gather_by_index(cat["index"], cat["embeddings"], cat["labels"])
-            result[i] = {"index": index.cpu(), "embeddings": emb.float().cpu(),
-                         "labels": labels.cpu()}
+            result[i] = {
+                "index": index.cpu(),
+                "embeddings": emb.float().cpu(),
+                "labels": labels.cpu(),
+            }
         return result
 
     # Lightning hooks -----------------------------------------------------------------------
@@ -53,13 +56,13 @@ class EmbeddingCallback(Callback):
     def on_test_epoch_start(self, trainer, pl_module):
         self._reset()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0):
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ):
         if self._due(trainer):
             self._collect(outputs, dataloader_idx)
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                          dataloader_idx=0):
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._collect(outputs, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -75,8 +78,13 @@ class EmbeddingCallback(Callback):
     def _log(self, trainer, pl_module, metrics: dict[str, float], stage: str) -> None:
         # Every rank computed the same numbers from the same gathered data: no reduction.
         for name, value in metrics.items():
-            pl_module.log(f"{stage}/{name}", float(value), sync_dist=False,
-                          add_dataloader_idx=False, prog_bar=name == getattr(self, "prog", ""))
+            pl_module.log(
+                f"{stage}/{name}",
+                float(value),
+                sync_dist=False,
+                add_dataloader_idx=False,
+                prog_bar=name == getattr(self, "prog", ""),
+            )
 
     def evaluate(self, data: dict[int, dict[str, torch.Tensor]], trainer) -> dict[str, float]:
         raise NotImplementedError

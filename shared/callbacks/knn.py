@@ -37,15 +37,20 @@ class KNNCallback(EmbeddingCallback):
     def evaluate(self, data, trainer) -> dict[str, float]:
         bank, query = data[self.bank_loader], data[self.query_loader]
         acc = knn_accuracy(
-            bank["embeddings"], bank["labels"], query["embeddings"], query["labels"],
-            ks=self.ks, temperature=self.temperature,
+            bank["embeddings"],
+            bank["labels"],
+            query["embeddings"],
+            query["labels"],
+            ks=self.ks,
+            temperature=self.temperature,
         )
         # Names stay those of the config (a monitor needs them); k beyond the bank is capped.
         n_bank = len(bank["labels"])
         metrics = {f"knn_top1@{k}": acc[min(k, n_bank)] for k in self.ks}
         if not trainer.sanity_checking and trainer.is_global_zero and self.history_dir:
-            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                                 **metrics})
+            self.history.append(
+                {"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
+            )
             self._write_history(Path(self.history_dir))
         return metrics
 
@@ -56,8 +61,13 @@ class KNNCallback(EmbeddingCallback):
         tmp.replace(out / "knn_history.json")
         from shared.plots import plot_curves
 
-        plot_curves(self.history, x="epoch", keys=[k for k in self.history[-1] if "@" in k],
-                    path=out / "knn_curve.png", ylabel="kNN top-1")
+        plot_curves(
+            self.history,
+            x="epoch",
+            keys=[k for k in self.history[-1] if "@" in k],
+            path=out / "knn_curve.png",
+            ylabel="kNN top-1",
+        )
 
     def state_dict(self):
         return {"history": self.history}

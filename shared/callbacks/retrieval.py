@@ -16,8 +16,9 @@ class RetrievalCallback(EmbeddingCallback):
     """Each query against all other items of the split (SOP protocol); queries whose label
     has no other item cannot score and are skipped, as pytorch-metric-learning does."""
 
-    def __init__(self, ks: tuple[int, ...] = (1, 10), loader: int = 1,
-                 every_n_epochs: int = 1) -> None:
+    def __init__(
+        self, ks: tuple[int, ...] = (1, 10), loader: int = 1, every_n_epochs: int = 1
+    ) -> None:
         super().__init__(every_n_epochs)
         self.ks, self.loader = tuple(ks), loader
 
@@ -25,7 +26,9 @@ class RetrievalCallback(EmbeddingCallback):
         split = data[self.loader]
         labels = split["labels"].numpy()
         if len(np.unique(labels)) == len(labels):
-            log.warning("Retrieval metrics skipped: no label occurs twice in the split "
-                        "(use split_by=class or a larger val_fraction)")
+            log.warning(
+                "Retrieval metrics skipped: no label occurs twice in the split "
+                "(use split_by=class or a larger val_fraction)"
+            )
             return {}
         return retrieval_metrics(split["embeddings"], labels, ks=self.ks)

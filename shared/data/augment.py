@@ -60,8 +60,13 @@ def _on_subset(x: torch.Tensor, apply: torch.Tensor, fn) -> torch.Tensor:
 
 
 def random_resized_crop_boxes(
-    n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-    device=None, generator=None,
+    n: int,
+    height: int,
+    width: int,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    device=None,
+    generator=None,
 ) -> torch.Tensor:
     """Per-image crop boxes [n, 4] (x1, y1, x2, y2) like RandomResizedCrop.
 
@@ -92,8 +97,9 @@ def random_resized_crop(
     # sampling_ratio=0 (adaptive: ceil(box / size) samples per output pixel and axis) makes an
     # enlarging crop plain bilinear resampling and a shrinking one a box-filtered average; a
     # fixed 2 would also average two points half a pixel apart, blurring enlarged crops.
-    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0,
-                     sampling_ratio=0, aligned=True)
+    return roi_align(
+        x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True
+    )
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5, generator=None) -> torch.Tensor:
@@ -102,13 +108,16 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator=None) -> torch.Tenso
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Hue shift by rotating chroma in YIQ space (angle in radians, per image)."""
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                       device=x.device, dtype=x.dtype)
+    yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+        device=x.device,
+        dtype=x.dtype,
+    )
     rgb = torch.linalg.inv(yiq)
     c, s = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
@@ -119,7 +128,12 @@ def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(
-    x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8,
+    x: torch.Tensor,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.2,
+    hue=0.1,
+    p=0.8,
     generator=None,
 ) -> torch.Tensor:
     """Per-image brightness, contrast, saturation, hue factors (fixed order), applied with p."""
@@ -252,17 +266,25 @@ class EvalTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = to_float(images)
         if self.size is not None and x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                              antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         return normalize(x, self.mean, self.std)
 
 
 class TrainTransform:
     """Light augmentation for metric learning: random resized crop (mild), flip, jitter."""
 
-    def __init__(self, size: int, scale=(0.5, 1.0), flip_p=0.5,
-                 jitter=(0.2, 0.2, 0.1, 0.02), jitter_p=0.5, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD):
+    def __init__(
+        self,
+        size: int,
+        scale=(0.5, 1.0),
+        flip_p=0.5,
+        jitter=(0.2, 0.2, 0.1, 0.02),
+        jitter_p=0.5,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ):
         self.size, self.scale, self.flip_p = size, tuple(scale), flip_p
         self.jitter, self.jitter_p, self.mean, self.std = tuple(jitter), jitter_p, mean, std
 

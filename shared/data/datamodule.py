@@ -111,8 +111,13 @@ class StoreDataModule(LightningDataModule):
         self.train_indices = self.val_indices = None
 
     def _build(self) -> ImageStore:
-        return build_store(self.source, self.store_root, self.image_size,
-                           name=self.store_name, path=self.store_path)
+        return build_store(
+            self.source,
+            self.store_root,
+            self.image_size,
+            name=self.store_name,
+            path=self.store_path,
+        )
 
     def prepare_data(self) -> None:  # rank 0 builds; the others open it in setup
         self._build()
@@ -123,8 +128,7 @@ class StoreDataModule(LightningDataModule):
             self.train_indices, self.val_indices = self.make_splits()
 
     def make_splits(self) -> tuple[np.ndarray, np.ndarray]:
-        return split_indices(self.store.labels.numpy(), self.val_fraction, self.split_by,
-                             self.seed)
+        return split_indices(self.store.labels.numpy(), self.val_fraction, self.split_by, self.seed)
 
     @property
     def num_classes(self) -> int:
@@ -140,9 +144,13 @@ class StoreDataModule(LightningDataModule):
         if len(indices) == 0:
             raise ValueError("cannot build a dataloader over an empty split")
         return DataLoader(
-            StoreDataset(self.store, indices), batch_size=batch_size, shuffle=shuffle,
-            drop_last=drop_last and len(indices) >= batch_size, num_workers=self.num_workers,
-            collate_fn=_as_batch, pin_memory=self.pin_memory,
+            StoreDataset(self.store, indices),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last and len(indices) >= batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_as_batch,
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 

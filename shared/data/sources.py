@@ -74,8 +74,9 @@ class FileSource:
         with ThreadPoolExecutor(self.num_threads) as pool:
             results = list(pool.map(one, indices))
         bad = [i for i, r in zip(indices, results) if isinstance(r, Exception)]
-        good = [torch.from_numpy(r).permute(2, 0, 1) for r in results
-                if not isinstance(r, Exception)]
+        good = [
+            torch.from_numpy(r).permute(2, 0, 1) for r in results if not isinstance(r, Exception)
+        ]
         images = torch.stack(good) if good else torch.empty(0, 3, size, size, dtype=torch.uint8)
         return images, bad
 
@@ -101,8 +102,11 @@ class FolderSource(FileSource):
             raise ValueError(f"data.source.root={str(self.root)!r} has no class subfolders")
         paths, labels = [], []
         for label, name in enumerate(classes):
-            files = sorted(f for f in (self.root / name).rglob("*")
-                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            files = sorted(
+                f
+                for f in (self.root / name).rglob("*")
+                if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+            )
             if not files:
                 raise ValueError(
                     f"class folder {str(self.root / name)!r} has no images "
@@ -114,8 +118,11 @@ class FolderSource(FileSource):
         self.ids = [str(p.relative_to(self.root)) for p in paths]
 
     def describe(self) -> dict:
-        return {"kind": "folder", "root": str(self.root.resolve()),
-                "files": self._file_fingerprint()}
+        return {
+            "kind": "folder",
+            "root": str(self.root.resolve()),
+            "files": self._file_fingerprint(),
+        }
 
 
 class CsvSource(FileSource):
@@ -168,9 +175,14 @@ class CsvSource(FileSource):
 
     def describe(self) -> dict:
         st = self.csv_path.stat()
-        return {"kind": "csv", "csv": str(self.csv_path.resolve()), "csv_size": st.st_size,
-                "csv_mtime": st.st_mtime_ns, "image_dir": str(self.image_dir.resolve()),
-                "files": self._file_fingerprint()}
+        return {
+            "kind": "csv",
+            "csv": str(self.csv_path.resolve()),
+            "csv_size": st.st_size,
+            "csv_mtime": st.st_mtime_ns,
+            "image_dir": str(self.image_dir.resolve()),
+            "files": self._file_fingerprint(),
+        }
 
 
 class SyntheticSource:

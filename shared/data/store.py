@@ -98,7 +98,9 @@ def build_store(
             return ImageStore.open(path)
         log.warning(
             "Store at %s was built from another source or size (key %s != %s): rebuilding",
-            path, meta.get("key"), key,
+            path,
+            meta.get("key"),
+            key,
         )
     n = len(source)
     if n == 0:
@@ -111,8 +113,13 @@ def build_store(
     except BaseException:  # a failed or interrupted build leaves nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    meta = {"key": key, "version": STORE_VERSION, "image_size": image_size,
-            "source": {k: v for k, v in description.items() if k != "files"}, **meta}
+    meta = {
+        "key": key,
+        "version": STORE_VERSION,
+        "image_size": image_size,
+        "source": {k: v for k, v in description.items() if k != "files"},
+        **meta,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta))
     if path.exists():
         shutil.rmtree(path)
@@ -121,8 +128,9 @@ def build_store(
     return ImageStore.open(path)
 
 
-def _write_store(source, tmp: Path, image_size: int, chunk_size: int, progress: bool,
-                 name: str) -> dict:
+def _write_store(
+    source, tmp: Path, image_size: int, chunk_size: int, progress: bool, name: str
+) -> dict:
     """Decode every row into `tmp/tensors`; returns the row metadata (ids, classes, counts)."""
     n = len(source)
     template = TensorDict(
@@ -140,15 +148,16 @@ def _write_store(source, tmp: Path, image_size: int, chunk_size: int, progress: 
     bad: list[int] = []
     write = 0  # good rows are written contiguously; bad ones are dropped (when allowed)
     keep: list[int] = []
-    with tqdm(total=n, desc=f"Building image store {name}", unit="img",
-              disable=not progress) as bar:
+    with tqdm(
+        total=n, desc=f"Building image store {name}", unit="img", disable=not progress
+    ) as bar:
         for start in range(0, n, chunk_size):
             idx = list(range(start, min(n, start + chunk_size)))
             images, chunk_bad = source.load(idx, image_size)
             bad += chunk_bad
             bad_set = set(chunk_bad)
             good = [i for i in idx if i not in bad_set]
-            tensors["images"][write:write + len(good)] = images
+            tensors["images"][write : write + len(good)] = images
             keep += good
             write += len(good)
             bar.update(len(idx))
@@ -175,8 +184,11 @@ def _compact(tensors: TensorDict, keep: torch.Tensor, tmp: Path, chunk_size: int
     m = len(keep)
     size = tensors["images"].shape[-1]
     template = TensorDict(
-        {"images": torch.empty(m, 3, size, size, dtype=torch.uint8),
-         "labels": tensors["labels"][keep].clone(), "row": keep},
+        {
+            "images": torch.empty(m, 3, size, size, dtype=torch.uint8),
+            "labels": tensors["labels"][keep].clone(),
+            "row": keep,
+        },
         batch_size=[m],
     )
     compact = template.memmap_like(prefix=tmp / "compact")

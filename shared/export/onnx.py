@@ -85,8 +85,13 @@ def failing_op(exc: BaseException) -> str | None:
     return None
 
 
-def export_onnx(module: nn.Module, out: str | Path, image_size: int,
-                opset: int = DEFAULT_OPSET, name: str = "the module") -> Path:
+def export_onnx(
+    module: nn.Module,
+    out: str | Path,
+    image_size: int,
+    opset: int = DEFAULT_OPSET,
+    name: str = "the module",
+) -> Path:
     """Write `module.embed` as ONNX (dynamic batch) to `out`; ExportError names the op."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,9 +100,16 @@ def export_onnx(module: nn.Module, out: str | Path, image_size: int,
     batch = torch.export.Dim("batch", min=1)
     try:
         torch.onnx.export(
-            graph, (example,), str(out), dynamo=True, opset_version=opset,
-            input_names=["images"], output_names=["embeddings"],
-            dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+            graph,
+            (example,),
+            str(out),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["embeddings"],
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            verbose=False,
         )
     except Exception as exc:
         op = failing_op(exc)
@@ -105,10 +117,13 @@ def export_onnx(module: nn.Module, out: str | Path, image_size: int,
             raise ExportError(
                 f"cannot export {name} to ONNX: operator {op} has no ONNX conversion "
                 f"(opset {opset}). Use a backbone without it, try another --opset, or register "
-                "a translation (torch.onnx.export custom_translation_table).", op) from exc
+                "a translation (torch.onnx.export custom_translation_table).",
+                op,
+            ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot export {name} to ONNX: torch.export could not trace "
-                          f"embed(): {first}") from exc
+        raise ExportError(
+            f"cannot export {name} to ONNX: torch.export could not trace embed(): {first}"
+        ) from exc
     return out
 
 
@@ -122,8 +137,13 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 
 @torch.no_grad()
-def check_parity(module: nn.Module, onnx_path: str | Path, images: torch.Tensor,
-                 atol: float = 1e-4, batch_sizes: tuple[int, ...] = (0, 1)) -> float:
+def check_parity(
+    module: nn.Module,
+    onnx_path: str | Path,
+    images: torch.Tensor,
+    atol: float = 1e-4,
+    batch_sizes: tuple[int, ...] = (0, 1),
+) -> float:
     """Max abs difference of ONNX Runtime vs `module.embed` on `images` (uint8), at each
     batch size (0: all images in one batch). ParityError above `atol`."""
     session = onnx_session(onnx_path)
@@ -131,15 +151,17 @@ def check_parity(module: nn.Module, onnx_path: str | Path, images: torch.Tensor,
     for bs in batch_sizes:
         bs = bs or len(images)
         for start in range(0, len(images), bs):
-            x = images[start:start + bs]
+            x = images[start : start + bs]
             ref = module.embed(x).float().cpu().numpy()
             got = session.run(["embeddings"], {"images": x.cpu().numpy()})[0]
             if got.shape != ref.shape:
                 raise ParityError(f"ONNX output {got.shape} != PyTorch {ref.shape} (batch {bs})")
             worst = max(worst, float(np.abs(got - ref).max()))
     if not worst <= atol:
-        raise ParityError(f"ONNX Runtime differs from PyTorch by {worst:.3g} (max abs) on "
-                          f"{len(images)} images, above the tolerance {atol:g}")
+        raise ParityError(
+            f"ONNX Runtime differs from PyTorch by {worst:.3g} (max abs) on "
+            f"{len(images)} images, above the tolerance {atol:g}"
+        )
     return worst
 
 
@@ -151,8 +173,14 @@ def real_images(datamodule, n: int) -> torch.Tensor:
     return torch.as_tensor(store.images[torch.as_tensor(rows)])
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, which: str = "best",
-               n_check: int = 32, atol: float = 1e-4, opset: int = DEFAULT_OPSET) -> ExportReport:
+def export_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    which: str = "best",
+    n_check: int = 32,
+    atol: float = 1e-4,
+    opset: int = DEFAULT_OPSET,
+) -> ExportReport:
     """Load a run (`load_run`), export its `embed` to ONNX, check parity on its own images;
     the report is also written beside the model (`model.onnx` -> `model.json`)."""
     from shared.run_loading import load_run
@@ -168,15 +196,25 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, which: str = 
     images = real_images(run.datamodule, n_check)
     diff = check_parity(run.module, out, images, atol)
     dim = int(run.module.embed(images[:1]).shape[-1])
-    report = ExportReport(str(out), ["batch", 3, size, size], dim, opset, len(images),
-                          [len(images), 1], diff, atol, round(seconds, 2))
+    report = ExportReport(
+        str(out),
+        ["batch", 3, size, size],
+        dim,
+        opset,
+        len(images),
+        [len(images), 1],
+        diff,
+        atol,
+        round(seconds, 2),
+    )
     out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=1))
     return report
 
 
 def main(argv: list[str] | None = None) -> ExportReport:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run-dir", required=True, help="a run directory (.hydra/ + checkpoints/)")
     p.add_argument("--out", default=None, help="ONNX file (default <run-dir>/export/model.onnx)")
     p.add_argument("--which", choices=["best", "last"], default="best")
@@ -188,10 +226,14 @@ def main(argv: list[str] | None = None) -> ExportReport:
     for name in ("onnx_ir", "onnxscript"):  # one INFO line per graph pass otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     report = export_run(args.run_dir, args.out, args.which, args.n_check, args.atol, args.opset)
-    print(f"wrote {report.onnx_path}: uint8 images {report.input_shape} -> float32 "
-          f"[batch, {report.embedding_dim}] (L2-normalised)")
-    print(f"parity on {report.n_images} store images, batches {report.batch_sizes}: "
-          f"max abs diff {report.max_abs_diff:.2e} <= {report.atol:g}")
+    print(
+        f"wrote {report.onnx_path}: uint8 images {report.input_shape} -> float32 "
+        f"[batch, {report.embedding_dim}] (L2-normalised)"
+    )
+    print(
+        f"parity on {report.n_images} store images, batches {report.batch_sizes}: "
+        f"max abs diff {report.max_abs_diff:.2e} <= {report.atol:g}"
+    )
     return report
 
 

@@ -115,7 +115,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         for prefix in ("module.", "backbone.model.", "backbone.", "model.", "encoder."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -141,4 +141,4 @@ def _select_model_weights(
     if not votes:
         return _strip_prefixes(state)
     best = max(votes, key=lambda p: (votes[p], "teacher" in p, -len(p)))
-    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+    return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}

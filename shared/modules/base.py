@@ -17,8 +17,11 @@ class EmbeddingModule(LightningModule):
         raise NotImplementedError
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        return {"embeddings": self.embed(batch["images"]), "labels": batch["labels"],
-                "index": batch["index"]}
+        return {
+            "embeddings": self.embed(batch["images"]),
+            "labels": batch["labels"],
+            "index": batch["index"],
+        }
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self.validation_step(batch, batch_idx, dataloader_idx)

@@ -26,11 +26,11 @@ def build_embedding_net(model: dict, backbone: dict, num_classes: int | None):
     kwargs = {k: v for k, v in model.items() if k != "type"}
     kind = model.get("type")
     if kind == "dolg":
-        return DOLGNet(backbone["name"], pretrained_path=backbone.get("pretrained_path"),
-                       **kwargs)
+        return DOLGNet(backbone["name"], pretrained_path=backbone.get("pretrained_path"), **kwargs)
     if kind == "cgd":
-        bb = {k: v for k, v in backbone.items() if k not in ("name", "features_only",
-                                                            "out_indices")}
+        bb = {
+            k: v for k, v in backbone.items() if k not in ("name", "features_only", "out_indices")
+        }
         return CGDNet(backbone["name"], num_classes=num_classes, backbone_kwargs=bb, **kwargs)
     raise ValueError(f"module.model.type must be 'cgd' or 'dolg', got {kind!r}")
 
@@ -89,7 +89,10 @@ class MetricLearningModule(EmbeddingModule):
             log.warning(
                 "%d of %d classes have a single training image: ArcFace can still learn a "
                 "class centre from one image, but it gets no positive pair to pull together; "
-                "they remain useful as gallery items at evaluation.", singletons, len(counts))
+                "they remain useful as gallery items at evaluation.",
+                singletons,
+                len(counts),
+            )
         self.hparams.num_classes = dm.num_classes
         self.hparams.class_counts = counts if self.hparams.dynamic_margins else None
         self._build(dm.num_classes, counts)
@@ -114,8 +117,9 @@ class MetricLearningModule(EmbeddingModule):
         loss = arc + hp.aux_weight * aux
         logs["train/arcface_loss"] = arc
         if hp.triplet_weight:
-            trip = batch_hard_triplet_loss(F.normalize(embedding.float(), dim=-1), labels,
-                                           hp.triplet_margin)
+            trip = batch_hard_triplet_loss(
+                F.normalize(embedding.float(), dim=-1), labels, hp.triplet_margin
+            )
             loss = loss + hp.triplet_weight * trip
             logs["train/triplet_loss"] = trip
         logs["train/loss"] = loss
@@ -137,8 +141,7 @@ class MetricLearningModule(EmbeddingModule):
         opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(total - 1, hp.warmup_epochs * total // max(1, self.trainer.max_epochs or 1))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total,
-                                                                    hp.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

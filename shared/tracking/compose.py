@@ -8,8 +8,9 @@ from pathlib import Path
 PIPELINES = {"ssl": "ssl", "matching": "matching", "product-matching": "matching"}
 
 
-def compose_pipeline(pipeline: str, overrides: list[str], out_dir: str | None = None,
-                     kind: str = "lr_find"):
+def compose_pipeline(
+    pipeline: str, overrides: list[str], out_dir: str | None = None, kind: str = "lr_find"
+):
     """The pipeline's config with `overrides` and `paths.output_dir` set to `out_dir` (default
     logs/<pipeline>/<task>/<kind>/<time>/), as `@hydra.main` would compose it."""
     from hydra import compose, initialize_config_dir
@@ -24,8 +25,9 @@ def compose_pipeline(pipeline: str, overrides: list[str], out_dir: str | None = 
         raise ValueError(f"--pipeline must be one of {sorted(PIPELINES)}, got {pipeline!r}")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=PIPELINES[pipeline], overrides=overrides,
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name=PIPELINES[pipeline], overrides=overrides, return_hydra_config=True
+        )
     HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.choices...}
     with open_dict(cfg):
         if out_dir is None:

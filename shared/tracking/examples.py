@@ -63,10 +63,13 @@ def nearest_examples(
             keep &= idx[row] != pos
         cols = np.flatnonzero(keep)[:k]
         found = idx[row, cols]
-        examples.append(Example(
-            query=int(q_idx[pos]), label=int(q_lab[pos]),
-            neighbours=[int(b_idx[j]) for j in found],
-            sims=[float(s) for s in sims[row, cols]],
-            right=[bool(b_lab[j] == q_lab[pos]) for j in found],
-        ))
+        examples.append(
+            Example(
+                query=int(q_idx[pos]),
+                label=int(q_lab[pos]),
+                neighbours=[int(b_idx[j]) for j in found],
+                sims=[float(s) for s in sims[row, cols]],
+                right=[bool(b_lab[j] == q_lab[pos]) for j in found],
+            )
+        )
     return examples

@@ -1,8 +1,8 @@
 """What the inspection notebooks compute, kept here so it is tested and the notebooks stay short.
 
-    run = load_run(find_run_dir(os.environ.get("RUN_DIR"), "ssl"))
-    data = split_embeddings(run)                       # bank (train) and query (val) splits
-    fig = show_examples(nearest_examples(data["query"], data["bank"]), run.datamodule.store)
+run = load_run(find_run_dir(os.environ.get("RUN_DIR"), "ssl"))
+data = split_embeddings(run)                       # bank (train) and query (val) splits
+fig = show_examples(nearest_examples(data["query"], data["bank"]), run.datamodule.store)
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ def find_run_dir(run_dir: str | os.PathLike | None, pipeline: str) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"run directory {path} does not exist")
         return path
-    runs = [p for p in (REPO_ROOT / "logs" / pipeline).glob("*/runs/*")
-            if (p / ".hydra" / "config.yaml").is_file()]
+    runs = [
+        p
+        for p in (REPO_ROOT / "logs" / pipeline).glob("*/runs/*")
+        if (p / ".hydra" / "config.yaml").is_file()
+    ]
     if not runs:
-        raise FileNotFoundError(f"no run under {REPO_ROOT / 'logs' / pipeline}: set RUN_DIR "
-                                "(environment) or the RUN_DIR parameter to a run directory")
+        raise FileNotFoundError(
+            f"no run under {REPO_ROOT / 'logs' / pipeline}: set RUN_DIR "
+            "(environment) or the RUN_DIR parameter to a run directory"
+        )
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
@@ -37,8 +42,10 @@ def find_run_dir(run_dir: str | os.PathLike | None, pipeline: str) -> Path:
 def embed_rows(module, images, rows, batch_size: int = 256) -> np.ndarray:
     """`module.embed` of store rows `rows` (uint8 images), float32 [len(rows), D]."""
     rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)
-    out = [module.embed(torch.as_tensor(images[rows[i:i + batch_size]])).float().cpu()
-           for i in range(0, len(rows), batch_size)]
+    out = [
+        module.embed(torch.as_tensor(images[rows[i : i + batch_size]])).float().cpu()
+        for i in range(0, len(rows), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -50,8 +57,11 @@ def split_embeddings(run, batch_size: int = 256) -> dict[str, dict[str, np.ndarr
     out = {}
     for name, rows in (("bank", dm.train_indices), ("query", dm.val_indices)):
         rows = np.asarray(rows)
-        out[name] = {"index": rows, "labels": dm.store.labels[torch.as_tensor(rows)].numpy(),
-                     "embeddings": embed_rows(run.module, dm.store.images, rows, batch_size)}
+        out[name] = {
+            "index": rows,
+            "labels": dm.store.labels[torch.as_tensor(rows)].numpy(),
+            "embeddings": embed_rows(run.module, dm.store.images, rows, batch_size),
+        }
     return out
 
 
@@ -65,8 +75,9 @@ def tile_rows(rows: list[list[tuple]], images, tile: float = 1.5, title: str | N
     import matplotlib.pyplot as plt
 
     ncols = max((len(r) for r in rows), default=1)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(tile * ncols, tile * 1.15 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(tile * ncols, tile * 1.15 * len(rows)), squeeze=False
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for i, row in enumerate(rows):
@@ -92,14 +103,17 @@ def show_examples(examples, images, title: str | None = None):
     rows = []
     for ex in examples:
         row = [(ex.query, f"query {ex.label}", GREY)]
-        row += [(n, f"{s:.3f}", GREEN if r else RED)
-                for n, s, r in zip(ex.neighbours, ex.sims, ex.right)]
+        row += [
+            (n, f"{s:.3f}", GREEN if r else RED)
+            for n, s, r in zip(ex.neighbours, ex.sims, ex.right)
+        ]
         rows.append(row)
     return tile_rows(rows, images, title=title)
 
 
-def plot_history(history: list[dict], x: str = "epoch", keys: list[str] | None = None,
-                 ylabel: str = ""):
+def plot_history(
+    history: list[dict], x: str = "epoch", keys: list[str] | None = None, ylabel: str = ""
+):
     import matplotlib.pyplot as plt
 
     keys = keys or [k for k in (history[-1] if history else {}) if k not in ("epoch", "step")]
@@ -124,8 +138,9 @@ def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.n
         from sklearn.manifold import TSNE
 
         perplexity = float(max(2, min(30, (len(features) - 1) // 3)))
-        return TSNE(n_components=2, perplexity=perplexity, init="pca",
-                    random_state=seed).fit_transform(features)
+        return TSNE(
+            n_components=2, perplexity=perplexity, init="pca", random_state=seed
+        ).fit_transform(features)
     raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
 
 
@@ -142,8 +157,13 @@ def find_vit(module):
             part = getattr(part, "backbone", None)
         model = getattr(part, "model", part)
         blocks = getattr(model, "blocks", None)
-        if blocks is not None and len(blocks) and hasattr(blocks[-1], "attn") \
-                and hasattr(blocks[-1].attn, "attn_drop") and hasattr(model, "patch_embed"):
+        if (
+            blocks is not None
+            and len(blocks)
+            and hasattr(blocks[-1], "attn")
+            and hasattr(blocks[-1].attn, "attn_drop")
+            and hasattr(model, "patch_embed")
+        ):
             return model
     return None
 
@@ -166,7 +186,7 @@ def last_block_attention(vit, x: torch.Tensor) -> torch.Tensor:
         attn.fused_attn = fused
         handle.remove()
     weights = seen["a"]  # [B, heads, N, N]
-    cls = weights[:, :, 0, vit.num_prefix_tokens:]
+    cls = weights[:, :, 0, vit.num_prefix_tokens :]
     return cls.reshape(cls.shape[0], cls.shape[1], *_patch_grid(vit, x.shape[-2:], cls.shape[-1]))
 
 
@@ -174,7 +194,7 @@ def _patch_grid(vit, size, n_patches: int) -> tuple[int, int]:
     ph, pw = vit.patch_embed.patch_size
     grid = (size[0] // ph, size[1] // pw)
     if grid[0] * grid[1] != n_patches:  # padded or resized input: fall back to a square
-        side = int(round(n_patches ** 0.5))
+        side = int(round(n_patches**0.5))
         grid = (side, n_patches // side)
     return grid
 
@@ -203,8 +223,13 @@ def show_attention(images, maps: torch.Tensor, tile: float = 1.5):
 # ---- product matching --------------------------------------------------------------------
 
 
-def match_fold(embeddings: np.ndarray, labels: np.ndarray, threshold: float, k: int = 51,
-               min2: float | None = None) -> dict:
+def match_fold(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    threshold: float,
+    k: int = 51,
+    min2: float | None = None,
+) -> dict:
     """Self-search of a fold, its matches at `threshold` (positions, itself first) with their
     similarities, and each row's F1 (the competition metric, row by row)."""
     from shared.retrieval.search import knn_search
@@ -243,8 +268,11 @@ def group_rows(group, labels, result: dict, store_rows, max_tiles: int = 10) -> 
     for m in members:
         if m != query:
             found = m in pred
-            caption = f"{sims[m]:.2f} found" if found else (
-                f"{sims[m]:.2f} missed" if m in sims else "missed")
+            caption = (
+                f"{sims[m]:.2f} found"
+                if found
+                else (f"{sims[m]:.2f} missed" if m in sims else "missed")
+            )
             row.append((store_rows[m], caption, GREEN if found else ORANGE))
     false = [p for p in result["matches"][query] if labels[p] != group]
     row += [(store_rows[p], f"{sims.get(p, float('nan')):.2f} false", RED) for p in false]

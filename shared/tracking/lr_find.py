@@ -28,6 +28,7 @@ from shared.tracking.compose import PIPELINES, compose_pipeline
 
 log = logging.getLogger(__name__)
 
+
 def let_finder_drive_lr(module) -> None:
     """Keep the finder's lr in the optimiser of modules that set their own lr every step.
 
@@ -67,14 +68,24 @@ def config_override(cfg, lr: float | None) -> dict:
         return {"key": "module.lr", "value": lr}
     if "base_lr" in cfg.module:  # DINO: lr = base_lr * global batch / 256
         t = cfg.trainer
-        batch = (cfg.data.batch_size * (t.devices if isinstance(t.devices, int) else 1)
-                 * t.get("num_nodes", 1) * t.get("accumulate_grad_batches", 1))
+        batch = (
+            cfg.data.batch_size
+            * (t.devices if isinstance(t.devices, int) else 1)
+            * t.get("num_nodes", 1)
+            * t.get("accumulate_grad_batches", 1)
+        )
         return {"key": "module.base_lr", "value": lr * 256.0 / batch, "global_batch": batch}
     return {}
 
 
-def lr_find(cfg, num_training: int = 100, min_lr: float = 1e-7, max_lr: float = 1.0,
-            mode: str = "exponential", early_stop_threshold: float | None = 4.0) -> dict:
+def lr_find(
+    cfg,
+    num_training: int = 100,
+    min_lr: float = 1e-7,
+    max_lr: float = 1.0,
+    mode: str = "exponential",
+    early_stop_threshold: float | None = 4.0,
+) -> dict:
     """Run the range test for `cfg`; write lr_find.png and lr_find.json to its output dir."""
     import lightning as L
     from lightning.pytorch.tuner import Tuner
@@ -88,14 +99,26 @@ def lr_find(cfg, num_training: int = 100, min_lr: float = 1e-7, max_lr: float = 
     module = instantiate(cfg.module, "module")
     let_finder_drive_lr(module)
     trainer = instantiate(
-        cfg.trainer, "trainer", callbacks=[], logger=False, enable_checkpointing=False,
-        max_epochs=-1, max_steps=num_training, num_sanity_val_steps=0,
+        cfg.trainer,
+        "trainer",
+        callbacks=[],
+        logger=False,
+        enable_checkpointing=False,
+        max_epochs=-1,
+        max_steps=num_training,
+        num_sanity_val_steps=0,
         check_val_every_n_epoch=10**9,  # the finder sets limit_val_batches; never validate
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     finder = Tuner(trainer).lr_find(
-        module, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
-        num_training=num_training, mode=mode, early_stop_threshold=early_stop_threshold,
+        module,
+        datamodule=datamodule,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        num_training=num_training,
+        mode=mode,
+        early_stop_threshold=early_stop_threshold,
         update_attr=False,
     )
     suggestion = finder.suggestion()
@@ -103,13 +126,20 @@ def lr_find(cfg, num_training: int = 100, min_lr: float = 1e-7, max_lr: float = 
 
     matplotlib.use("Agg")
     fig = finder.plot(suggest=suggestion is not None)
-    fig.axes[0].set_title(f"{cfg.pipeline} / {cfg.task_name}: suggested lr "
-                          + (f"{suggestion:.2e}" if suggestion is not None else "none"))
+    fig.axes[0].set_title(
+        f"{cfg.pipeline} / {cfg.task_name}: suggested lr "
+        + (f"{suggestion:.2e}" if suggestion is not None else "none")
+    )
     fig.savefig(out / "lr_find.png", dpi=100)
     result = {
-        "pipeline": cfg.pipeline, "task_name": cfg.task_name, "suggestion": suggestion,
-        "config": config_override(cfg, suggestion), "num_training": num_training,
-        "min_lr": min_lr, "max_lr": max_lr, "mode": mode,
+        "pipeline": cfg.pipeline,
+        "task_name": cfg.task_name,
+        "suggestion": suggestion,
+        "config": config_override(cfg, suggestion),
+        "num_training": num_training,
+        "min_lr": min_lr,
+        "max_lr": max_lr,
+        "mode": mode,
         "lr": [float(x) for x in finder.results["lr"]],
         "loss": [float(x) for x in finder.results["loss"]],
     }
@@ -118,23 +148,30 @@ def lr_find(cfg, num_training: int = 100, min_lr: float = 1e-7, max_lr: float = 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--pipeline", required=True, choices=sorted(PIPELINES))
     p.add_argument("--out-dir", default=None, help="default logs/<pipeline>/<task>/lr_find/<time>")
     p.add_argument("--num-training", type=int, default=100, help="steps (one lr each)")
     p.add_argument("--min-lr", type=float, default=1e-7)
     p.add_argument("--max-lr", type=float, default=1.0)
     p.add_argument("--mode", choices=["exponential", "linear"], default="exponential")
-    p.add_argument("--early-stop-threshold", type=float, default=4.0,
-                   help="stop when the loss exceeds this times the best loss")
-    p.add_argument("overrides", nargs="*",
-                   help="Hydra overrides, e.g. module=dolg data.batch_size=32")
+    p.add_argument(
+        "--early-stop-threshold",
+        type=float,
+        default=4.0,
+        help="stop when the loss exceeds this times the best loss",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. module=dolg data.batch_size=32"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     cfg = compose_pipeline(args.pipeline, args.overrides, args.out_dir)
-    result = lr_find(cfg, args.num_training, args.min_lr, args.max_lr, args.mode,
-                     args.early_stop_threshold)
+    result = lr_find(
+        cfg, args.num_training, args.min_lr, args.max_lr, args.mode, args.early_stop_threshold
+    )
     out = Path(cfg.paths.output_dir)
     suggestion = result["suggestion"]
     print(f"suggested optimiser lr: {suggestion if suggestion is None else f'{suggestion:.3e}'}")

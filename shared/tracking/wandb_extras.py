@@ -106,8 +106,10 @@ class WandbExtrasCallback(EmbeddingCallback):
         artifact.add_file(str(store.path / "meta.json"), name="meta.json")
         if run.offline:
             run.log_artifact(artifact)
-            log.info("wandb_extras: offline, so the store is logged as an artifact of the run; "
-                     "W&B records it as the run's input (lineage) only online")
+            log.info(
+                "wandb_extras: offline, so the store is logged as an artifact of the run; "
+                "W&B records it as the run's input (lineage) only online"
+            )
         else:
             run.use_artifact(artifact)
 
@@ -120,27 +122,37 @@ class WandbExtrasCallback(EmbeddingCallback):
         q, b = self._loaders(trainer)
         if q not in data or (b is not None and b not in data):
             return {}
-        examples = nearest_examples(data[q], data[b] if b is not None else None,
-                                    self.examples, self.top_k, self.seed)
+        examples = nearest_examples(
+            data[q], data[b] if b is not None else None, self.examples, self.top_k, self.seed
+        )
         images = trainer.datamodule.store.images
         columns = ["epoch", "query", "label", "top1_right", "hits"]
         for i in range(1, self.top_k + 1):
             columns += [f"n{i}", f"n{i}_sim", f"n{i}_right"]
         table = wandb.Table(columns=columns)
         for ex in examples:
-            row = [trainer.current_epoch, _image(images[ex.query], f"label {ex.label}"),
-                   ex.label, ex.top1_right, int(sum(ex.right))]
+            row = [
+                trainer.current_epoch,
+                _image(images[ex.query], f"label {ex.label}"),
+                ex.label,
+                ex.top1_right,
+                int(sum(ex.right)),
+            ]
             for j in range(self.top_k):
                 if j < len(ex.neighbours):
                     mark = "right" if ex.right[j] else "wrong"
-                    row += [_image(images[ex.neighbours[j]], f"{ex.sims[j]:.3f} {mark}"),
-                            ex.sims[j], ex.right[j]]
+                    row += [
+                        _image(images[ex.neighbours[j]], f"{ex.sims[j]:.3f} {mark}"),
+                        ex.sims[j],
+                        ex.right[j],
+                    ]
                 else:
                     row += [None, None, None]
             table.add_data(*row)
         stage = "test" if trainer.testing else "val"
-        self._logger(trainer).log_metrics({f"{stage}/retrieval_examples": table},
-                                          step=trainer.global_step)
+        self._logger(trainer).log_metrics(
+            {f"{stage}/retrieval_examples": table}, step=trainer.global_step
+        )
         return {}
 
     # ---- run end: checkpoints, promotion ---------------------------------------------------
@@ -152,20 +164,26 @@ class WandbExtrasCallback(EmbeddingCallback):
         best_cb, best, latest = checkpoints(trainer)
         if best is not None:
             score = None if best_cb.best_model_score is None else float(best_cb.best_model_score)
-            self.logged["best"] = self._log_model(run, best, root, "best",
-                                                  {"score": score, "monitor": best_cb.monitor})
+            self.logged["best"] = self._log_model(
+                run, best, root, "best", {"score": score, "monitor": best_cb.monitor}
+            )
         if latest is not None:
             self.logged["latest"] = self._log_model(
-                run, latest, root, "latest",
-                {"epoch": trainer.current_epoch, "global_step": trainer.global_step})
+                run,
+                latest,
+                root,
+                "latest",
+                {"epoch": trainer.current_epoch, "global_step": trainer.global_step},
+            )
         if self.promote.get("registry"):
             self._promote(run, trainer, root)
 
     def _log_model(self, run, path: Path, root: Path, alias: str, meta: dict):
         import wandb
 
-        artifact = wandb.Artifact(f"model-{run.id}", type="model",
-                                  metadata={**meta, "checkpoint": path.name})
+        artifact = wandb.Artifact(
+            f"model-{run.id}", type="model", metadata={**meta, "checkpoint": path.name}
+        )
         artifact.add_file(str(path), name=f"checkpoints/{path.name}")
         for name in (".hydra/config.yaml", "config_resolved.yaml"):
             if (root / name).is_file():
@@ -182,12 +200,20 @@ class WandbExtrasCallback(EmbeddingCallback):
         except KeyError as exc:
             value = None
             log.warning("wandb_extras: no promotion, %s", exc)
-        passes = value is not None and (bar is None or (value >= bar if mode == "max"
-                                                        else value <= bar))
+        passes = value is not None and (
+            bar is None or (value >= bar if mode == "max" else value <= bar)
+        )
         artifact = self.logged.get("best")
-        decision = {"metric": name, "value": value, "bar": bar, "mode": mode,
-                    "registry": p["registry"], "alias": p.get("alias", "staging"),
-                    "artifact": f"model-{run.id}", "passes": passes}
+        decision = {
+            "metric": name,
+            "value": value,
+            "bar": bar,
+            "mode": mode,
+            "registry": p["registry"],
+            "alias": p.get("alias", "staging"),
+            "artifact": f"model-{run.id}",
+            "passes": passes,
+        }
         if not passes or artifact is None:
             decision["action"] = "skipped" if artifact is not None else "skipped: no best model"
         elif run.offline:
@@ -196,9 +222,16 @@ class WandbExtrasCallback(EmbeddingCallback):
         else:
             run.link_artifact(artifact, p["registry"], aliases=[decision["alias"]])
             decision["action"] = "linked"
-        log.info("wandb_extras: promotion of %s to %s:%s (%s = %s, bar %s): %s",
-                 decision["artifact"], decision["registry"], decision["alias"], name, value, bar,
-                 decision["action"])
+        log.info(
+            "wandb_extras: promotion of %s to %s:%s (%s = %s, bar %s): %s",
+            decision["artifact"],
+            decision["registry"],
+            decision["alias"],
+            name,
+            value,
+            bar,
+            decision["action"],
+        )
         run.summary["promotion"] = decision
         (root / "promotion.json").write_text(json.dumps(decision, indent=1))
 
@@ -218,9 +251,12 @@ def checkpoints(trainer) -> tuple[object, Path | None, Path | None]:
     callbacks = list(getattr(trainer, "checkpoint_callbacks", []))
     best_cb = next((cb for cb in callbacks if cb.monitor), None)
     best = Path(best_cb.best_model_path) if best_cb and best_cb.best_model_path else None
-    found = [Path(p) for cb in callbacks for p in (
-        cb.last_model_path, None if cb.monitor else cb.best_model_path) if p]
+    found = [
+        Path(p)
+        for cb in callbacks
+        for p in (cb.last_model_path, None if cb.monitor else cb.best_model_path)
+        if p
+    ]
     found = [p for p in found if p.is_file()]
     latest = max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
     return best_cb, best if best is not None and best.is_file() else None, latest
-

@@ -33,8 +33,8 @@ def records(path: str | Path) -> Iterator:
         if left < _HEADER:  # block trailer padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
             parts = [chunk]
@@ -70,12 +70,16 @@ def summarize(path: str | Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "artifact":
             a = record.artifact
-            artifacts.append({
-                "type": a.type, "name": a.name, "aliases": list(a.aliases),
-                "files": [e.path for e in a.manifest.contents],
-                "references": [e.ref for e in a.manifest.contents if e.ref],
-                "metadata": json.loads(a.metadata) if a.metadata else {},
-            })
+            artifacts.append(
+                {
+                    "type": a.type,
+                    "name": a.name,
+                    "aliases": list(a.aliases),
+                    "files": [e.path for e in a.manifest.contents],
+                    "references": [e.ref for e in a.manifest.contents if e.ref],
+                    "metadata": json.loads(a.metadata) if a.metadata else {},
+                }
+            )
         elif kind == "use_artifact":
             used.append(record.use_artifact.name)
         elif kind == "history":
@@ -84,8 +88,13 @@ def summarize(path: str | Path) -> dict:
     for file in sorted((run_dir / "files").rglob("*.table.json")):
         key = str(file.relative_to(run_dir / "files" / "media" / "table").parent / file.name)
         tables[key] = json.loads(file.read_text())
-    return {"run_dir": str(run_dir), "artifacts": artifacts, "used_artifacts": used,
-            "tables": tables, "history_keys": sorted(keys)}
+    return {
+        "run_dir": str(run_dir),
+        "artifacts": artifacts,
+        "used_artifacts": used,
+        "tables": tables,
+        "history_keys": sorted(keys),
+    }
 
 
 if __name__ == "__main__":

@@ -27,8 +27,14 @@ class DINOHead(nn.Module):
     """MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear to `out_dim`."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-        n_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True,
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        n_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
     ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
@@ -88,8 +94,9 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_logits, teacher_logits, n_views, student_temp, teacher_temp):
-        loss = dino_loss(student_logits, teacher_logits, self.center, n_views,
-                         student_temp, teacher_temp)
+        loss = dino_loss(
+            student_logits, teacher_logits, self.center, n_views, student_temp, teacher_temp
+        )
         self.update_center(teacher_logits)
         return loss
 
@@ -142,8 +149,12 @@ class DINOModule(EmbeddingModule):
         self.student_backbone = TimmBackbone(**backbone, drop_path_rate=student_drop_path)
         self.teacher_backbone = TimmBackbone(**{**backbone, "pretrained_path": None})
         dim = self.student_backbone.num_features
-        head = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, n_layers=head_layers,
-                    use_bn=use_bn_in_head)
+        head = dict(
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            n_layers=head_layers,
+            use_bn=use_bn_in_head,
+        )
         self.student_head = DINOHead(dim, out_dim, norm_last_layer=norm_last_layer, **head)
         # The teacher starts as an exact copy of the student: a copy, never a shared reference.
         self.teacher_backbone.load_state_dict(self.student_backbone.state_dict())
@@ -183,11 +194,17 @@ class DINOModule(EmbeddingModule):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {self.global_step}")
         step = self.global_step
         self.log_dict(
-            {"train/loss": loss, "train/lr": at(self._schedules["lr"], step),
-             "train/wd": at(self._schedules["wd"], step),
-             "train/momentum": at(self._schedules["momentum"], step),
-             "train/teacher_temp": temp},
-            prog_bar=False, on_step=True, on_epoch=False, batch_size=batch["images"].shape[0],
+            {
+                "train/loss": loss,
+                "train/lr": at(self._schedules["lr"], step),
+                "train/wd": at(self._schedules["wd"], step),
+                "train/momentum": at(self._schedules["momentum"], step),
+                "train/teacher_temp": temp,
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch["images"].shape[0],
         )
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch["images"].shape[0])
         return loss
@@ -233,8 +250,10 @@ class DINOModule(EmbeddingModule):
                 (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         self._build_schedules()
         return torch.optim.AdamW(
-            [{"params": decay, "apply_wd": True},
-             {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}],
+            [
+                {"params": decay, "apply_wd": True},
+                {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+            ],
             lr=at(self._schedules["lr"], 0),
             weight_decay=self.hparams.weight_decay,
         )

@@ -83,8 +83,10 @@ def test_untraceable_backbone_names_the_op(dino_run, tmp_path):
     module = type(dino_run.module)(**hparams)
     shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir()
-    torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()},
-               ckpt_dir / "epoch_000.ckpt")
+    torch.save(
+        {"hyper_parameters": hparams, "state_dict": module.state_dict()},
+        ckpt_dir / "epoch_000.ckpt",
+    )
     with pytest.raises(ExportError, match=r"operator aten\._linalg_svd\S* has no ONNX") as err:
         main(["--run-dir", str(run_dir), "--out", str(tmp_path / "x.onnx")])
     assert err.value.op.startswith("aten._linalg_svd")

@@ -14,8 +14,9 @@ def random_postings(n=400, seed=0):
     phash = np.array([f"h{i}" for i in range(n)])
     copies = rng.random(n) < 0.05
     phash[copies] = phash[rng.integers(0, n, copies.sum())]
-    return pd.DataFrame({"posting_id": [f"p{i}" for i in range(n)], "label_group": groups,
-                         "image_phash": phash})
+    return pd.DataFrame(
+        {"posting_id": [f"p{i}" for i in range(n)], "label_group": groups, "image_phash": phash}
+    )
 
 
 def test_components_match_brute_force_closure():
@@ -28,8 +29,9 @@ def test_components_match_brute_force_closure():
         changed = False
         for i in range(len(df)):
             for j in range(len(df)):
-                linked = (df.label_group[i] == df.label_group[j]
-                          or df.image_phash[i] == df.image_phash[j])
+                linked = (
+                    df.label_group[i] == df.label_group[j] or df.image_phash[i] == df.image_phash[j]
+                )
                 if linked and label[i] != label[j]:
                     low = min(label[i], label[j])
                     label = [low if x in (label[i], label[j]) else x for x in label]

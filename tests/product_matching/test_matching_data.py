@@ -14,8 +14,9 @@ from shared.modules.metric_learning import MetricLearningModule
 from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import matches_from_threshold
 
-SPEC = dict(num_families=5, groups_per_family=2, min_instances=2, max_instances=4,
-            image_size=32, seed=3)
+SPEC = dict(
+    num_families=5, groups_per_family=2, min_instances=2, max_instances=4, image_size=32, seed=3
+)
 
 
 IMAGES = {}
@@ -29,9 +30,15 @@ def postings(tmp_path_factory):
 
 
 def datamodule(tmp_path, csv, **kw):
-    return ProductsDataModule(store_root=str(tmp_path / "stores"), csv_path=str(csv),
-                              image_dir=str(IMAGES["dir"]), image_size=32,
-                              batch_size=4, n_folds=kw.pop("n_folds", 3), **kw)
+    return ProductsDataModule(
+        store_root=str(tmp_path / "stores"),
+        csv_path=str(csv),
+        image_dir=str(IMAGES["dir"]),
+        image_size=32,
+        batch_size=4,
+        n_folds=kw.pop("n_folds", 3),
+        **kw,
+    )
 
 
 def test_store_and_folds_from_csv(tmp_path, postings):
@@ -59,8 +66,9 @@ def test_csv_missing_required_column(tmp_path, postings, column):
 def test_duplicated_posting_id(tmp_path, postings):
     csv, frame = postings
     bad = tmp_path / "dup.csv"
-    frame.assign(posting_id=frame.posting_id.where(frame.index != 1, frame.posting_id[0])
-                 ).to_csv(bad, index=False)
+    frame.assign(posting_id=frame.posting_id.where(frame.index != 1, frame.posting_id[0])).to_csv(
+        bad, index=False
+    )
     with pytest.raises(ValueError, match="duplicated"):
         datamodule(tmp_path, bad).setup()
 
@@ -81,13 +89,15 @@ def test_fold_out_of_range(tmp_path, postings):
 def test_single_posting_group_in_training_is_explained(tmp_path, postings, caplog):
     csv, frame = postings
     lone = tmp_path / "lone.csv"
-    frame.assign(label_group=frame.label_group.where(frame.index != 0, "999")
-                 ).to_csv(lone, index=False)
+    frame.assign(label_group=frame.label_group.where(frame.index != 0, "999")).to_csv(
+        lone, index=False
+    )
     dm = datamodule(tmp_path, lone)
     dm.setup()
-    assert (dm.folds[0] != dm.fold), "choose data where the lone posting trains"
-    module = MetricLearningModule(model={"type": "cgd", "embedding_dim": 48},
-                                  backbone={"name": "resnet18"}, head={})
+    assert dm.folds[0] != dm.fold, "choose data where the lone posting trains"
+    module = MetricLearningModule(
+        model={"type": "cgd", "embedding_dim": 48}, backbone={"name": "resnet18"}, head={}
+    )
     module._trainer = SimpleNamespace(datamodule=dm)
     with caplog.at_level(logging.WARNING):
         module.setup("fit")

@@ -41,10 +41,11 @@ def _worker(rank, world, port, out_dir):
         idx = torch.tensor(list(DistributedSampler(range(len(x)), world, rank, shuffle=False)))
         index, emb, labels = gather_by_index(idx, x[idx], y[idx])
         results[name] = (index, emb, labels)
-    results["knn"] = knn_accuracy(results["bank"][1], results["bank"][2], results["query"][1],
-                                  results["query"][2], ks=(5, 10))
+    results["knn"] = knn_accuracy(
+        results["bank"][1], results["bank"][2], results["query"][1], results["query"][2], ks=(5, 10)
+    )
     # DINO centre: each rank sees its half of the teacher batch (2 views x 4 samples).
-    halves = teacher.view(2, 8, -1)[:, rank * 4:(rank + 1) * 4].reshape(8, -1)
+    halves = teacher.view(2, 8, -1)[:, rank * 4 : (rank + 1) * 4].reshape(8, -1)
     loss = DINOLoss(32)
     loss.update_center(halves)
     results["center"] = loss.center

@@ -14,10 +14,12 @@ from tests.conftest import CONF
 @pytest.fixture
 def multirun_cfg():
     """Compose like `run.py -m ...` (sweep overrides kept for the sweeper, not applied)."""
+
     def make(*overrides: str, config_name: str = "ssl"):
         gh = GlobalHydra.instance()
-        return gh.hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN,
-                                       with_log_configuration=False)
+        return gh.hydra.compose_config(
+            config_name, list(overrides), run_mode=RunMode.MULTIRUN, with_log_configuration=False
+        )
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -32,8 +34,11 @@ def check(cfg, scheduler="slurm"):
 def test_matching_launcher_passes_and_sees_every_job(multirun_cfg):
     cfg = multirun_cfg("hydra/launcher=slurm", "seed=0,1", "module.base_lr=0.1,0.2")
     assert [job for job, _ in planned_jobs(cfg)] == [
-        ["seed=0", "module.base_lr=0.1"], ["seed=0", "module.base_lr=0.2"],
-        ["seed=1", "module.base_lr=0.1"], ["seed=1", "module.base_lr=0.2"]]
+        ["seed=0", "module.base_lr=0.1"],
+        ["seed=0", "module.base_lr=0.2"],
+        ["seed=1", "module.base_lr=0.1"],
+        ["seed=1", "module.base_lr=0.2"],
+    ]
     check(cfg)
     launcher = cfg.hydra.launcher
     assert (launcher.tasks_per_node, launcher.nodes, launcher.gpus_per_node) == (1, 1, None)
@@ -41,22 +46,29 @@ def test_matching_launcher_passes_and_sees_every_job(multirun_cfg):
 
 
 def test_gpu_ddp_requests_one_task_and_one_gpu_per_device(multirun_cfg):
-    cfg = multirun_cfg("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8",
-                       "trainer.num_nodes=2")
+    cfg = multirun_cfg(
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"
+    )
     check(cfg)
     launcher = cfg.hydra.launcher
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 2)
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["hydra.launcher.tasks_per_node=2"], "tasks_per_node=2 but trainer.devices=1"),
-    (["hydra.launcher.nodes=2"], "nodes=2 but trainer.num_nodes=1"),
-    (["trainer=ddp_cpu"], "trainer.strategy=ddp_fork starts its own processes"),
-    (["trainer=gpu", "hydra.launcher.gpus_per_node=2"], "gpus_per_node=2 but trainer.devices=1"),
-    (["trainer.accelerator=auto"], "trainer.accelerator=auto"),
-    (["hydra.launcher.timeout_min=2"], "signal_delay_s=120 is not below the time limit"),
-    (["hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=0"], "max_num_timeout"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["hydra.launcher.tasks_per_node=2"], "tasks_per_node=2 but trainer.devices=1"),
+        (["hydra.launcher.nodes=2"], "nodes=2 but trainer.num_nodes=1"),
+        (["trainer=ddp_cpu"], "trainer.strategy=ddp_fork starts its own processes"),
+        (
+            ["trainer=gpu", "hydra.launcher.gpus_per_node=2"],
+            "gpus_per_node=2 but trainer.devices=1",
+        ),
+        (["trainer.accelerator=auto"], "trainer.accelerator=auto"),
+        (["hydra.launcher.timeout_min=2"], "signal_delay_s=120 is not below the time limit"),
+        (["hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=0"], "max_num_timeout"),
+    ],
+)
 def test_mismatch_is_refused_before_submission(multirun_cfg, overrides, expected):
     cfg = multirun_cfg("hydra/launcher=slurm", *overrides)
     with pytest.raises(LaunchConfigError, match="nothing was submitted") as err:
@@ -89,8 +101,14 @@ def test_local_launcher_needs_a_process_starting_strategy_for_several_devices(mu
 
 def test_job_report_records_value_and_error(tmp_path):
     def job_cfg(num):
-        return OmegaConf.create({"hydra": {"job": {"num": num, "id": str(num)},
-                                           "runtime": {"output_dir": str(tmp_path / str(num))}}})
+        return OmegaConf.create(
+            {
+                "hydra": {
+                    "job": {"num": num, "id": str(num)},
+                    "runtime": {"output_dir": str(tmp_path / str(num))},
+                }
+            }
+        )
 
     ok, bad = JobReturn(), JobReturn()
     ok.overrides, ok.status, ok.return_value = ["seed=0", "x=1"], JobStatus.COMPLETED, 0.5

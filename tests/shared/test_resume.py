@@ -12,9 +12,14 @@ from tests.pipelines import TINY, TINY_SSL_DATA
 def write_checkpoint(module, path):
     """What Lightning + EmbeddingModule.on_save_checkpoint put in a checkpoint's header."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"module_class": f"{type(module).__module__}.{type(module).__qualname__}",
-                "hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
-               path)
+    torch.save(
+        {
+            "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "hyper_parameters": dict(module.hparams),
+            "state_dict": module.state_dict(),
+        },
+        path,
+    )
 
 
 def last_ckpt(cfg):
@@ -27,9 +32,12 @@ def test_resume_from_another_module_is_refused(compose_cfg):
     other = compose_cfg("ssl", [*TINY_SSL_DATA, "module=dolg", "module.num_classes=12"])
     cfg = compose_cfg("ssl", [*TINY["ssl"], "logger=none"])
     write_checkpoint(instantiate(other.module, "module"), last_ckpt(cfg))
-    with pytest.raises(ValueError, match=r"holds a shared\.modules\.metric_learning\."
-                                         r"MetricLearningModule, but the config builds "
-                                         r"selfsup\.dino\.DINOModule"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a shared\.modules\.metric_learning\."
+        r"MetricLearningModule, but the config builds "
+        r"selfsup\.dino\.DINOModule",
+    ):
         run(cfg)
 
 

@@ -20,8 +20,12 @@ pytestmark = pytest.mark.slurm
 
 # One core and 2 GB per job: the test cluster has two cores. With a 10-minute limit submitit
 # counts every USR2 as a timeout, which max_num_timeout=3 (the launcher default) allows.
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
-         "hydra.launcher.timeout_min=10"]
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=10",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,19 +33,23 @@ def cluster():
     if shutil.which("sinfo") is None:
         pytest.skip("no SLURM client (sinfo); start the test cluster with .ci/slurm.sh start")
     if "SLURM_CONF" not in os.environ:
-        line = subprocess.run(["bash", str(REPO / ".ci" / "slurm.sh"), "env"],
-                              capture_output=True, text=True).stdout.strip()
+        line = subprocess.run(
+            ["bash", str(REPO / ".ci" / "slurm.sh"), "env"], capture_output=True, text=True
+        ).stdout.strip()
         conf = line.removeprefix("export SLURM_CONF=")
         if line.startswith("export SLURM_CONF=") and os.path.isfile(conf):
             os.environ["SLURM_CONF"] = conf
     try:
-        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                                timeout=15)
+        states = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("sinfo timed out: the SLURM controller does not answer")
     if states.returncode != 0 or not {"idle", "mixed", "allocated"} & set(states.stdout.split()):
-        pytest.skip(f"no usable SLURM node ({states.stdout.strip() or states.stderr.strip()}); "
-                    "start the test cluster with .ci/slurm.sh start")
+        pytest.skip(
+            f"no usable SLURM node ({states.stdout.strip() or states.stderr.strip()}); "
+            "start the test cluster with .ci/slurm.sh start"
+        )
 
 
 def record(job_dir):
@@ -51,11 +59,20 @@ def record(job_dir):
 @pytest.mark.parametrize("pipeline", ["ssl", "matching"])
 def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(tmp_path, pipeline):
     """Two identical jobs; job 0 gets the preemption signal after its first checkpoint."""
-    cmd = cli(pipeline, tmp_path, *SLURM, "trainer.max_epochs=6", "+trainer.limit_train_batches=3",
-              "test=false", "+replica=preempted,reference", multirun=True)
+    cmd = cli(
+        pipeline,
+        tmp_path,
+        *SLURM,
+        "trainer.max_epochs=6",
+        "+trainer.limit_train_batches=3",
+        "test=false",
+        "+replica=preempted,reference",
+        multirun=True,
+    )
     sweep = tmp_path / "sweep"
-    driver = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         last = sweep / "0" / "checkpoints" / "last.ckpt"
         deadline = time.time() + 400
@@ -77,15 +94,17 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(tmp_path,
     preempted, reference = record(sweep / "0"), record(sweep / "1")
     assert preempted.status == reference.status == "COMPLETED"
     assert preempted.return_value == reference.return_value
-    a, b = (torch.load(sweep / n / "checkpoints" / "last.ckpt", weights_only=True)
-            for n in ("0", "1"))
+    a, b = (
+        torch.load(sweep / n / "checkpoints" / "last.ckpt", weights_only=True) for n in ("0", "1")
+    )
     assert a["global_step"] == b["global_step"]
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
 
 
 def test_a_failing_job_fails_the_sweep_with_its_error(tmp_path):
-    out = run(cli("ssl", tmp_path, *SLURM, "data.split_by=instance,bogus", "test=false",
-                  multirun=True))
+    out = run(
+        cli("ssl", tmp_path, *SLURM, "data.split_by=instance,bogus", "test=false", multirun=True)
+    )
     assert out.returncode != 0
     assert "data.split_by must be 'instance' or 'class', got 'bogus'" in out.stderr
     sweep = tmp_path / "sweep"
@@ -99,8 +118,9 @@ def test_a_sweep_whose_jobs_all_fail_reports_every_error(tmp_path):
     text = out.stdout + out.stderr  # Hydra logs to stdout, tracebacks go to stderr
     assert "2 of 2 jobs failed" in text
     for bad in ("bogus1", "bogus2"):
-        assert f"FAILED: ValueError: data.split_by must be 'instance' or 'class', got '{bad}'" \
-            in text
+        assert (
+            f"FAILED: ValueError: data.split_by must be 'instance' or 'class', got '{bad}'" in text
+        )
 
 
 def test_a_mismatched_launcher_is_refused_before_submission(tmp_path):
@@ -112,12 +132,15 @@ def test_a_mismatched_launcher_is_refused_before_submission(tmp_path):
 
 def test_ddp_over_two_slurm_tasks(tmp_path):
     """trainer.devices=2 -> two SLURM tasks; Lightning joins them and starts no processes."""
-    out = run(cli("ssl", tmp_path, *SLURM, "trainer=ddp_cpu", "trainer.strategy=ddp",
-                  multirun=True))
+    out = run(
+        cli("ssl", tmp_path, *SLURM, "trainer=ddp_cpu", "trainer.strategy=ddp", multirun=True)
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "sweep"
     logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
     assert record(sweep / "0").status == "COMPLETED"
-    assert sorted(p.name for p in (sweep / "0" / "checkpoints").iterdir()) == \
-        ["epoch_000.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (sweep / "0" / "checkpoints").iterdir()) == [
+        "epoch_000.ckpt",
+        "last.ckpt",
+    ]

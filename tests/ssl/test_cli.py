@@ -15,9 +15,15 @@ from tests.conftest import REPO, TINY_SYNTHETIC
 
 def cli(script: str, tmp_path: Path, *overrides: str, run_dir: Path | None = None):
     run_dir = run_dir or tmp_path / "run"
-    cmd = [sys.executable, str(REPO / script), *TINY_SYNTHETIC,
-           f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path / 'data'}",
-           f"paths.log_dir={tmp_path / 'logs'}", *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / script),
+        *TINY_SYNTHETIC,
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return cmd, env, run_dir
 
@@ -35,12 +41,23 @@ def test_fast_dev_run(tmp_path, module):
 
 @pytest.mark.slow
 def test_kill_and_restart_resumes_from_last_ckpt(tmp_path):
-    overrides = ("trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1",
-                 "eval_at_init=false", "test=false", "logger=csv")
+    overrides = (
+        "trainer.max_epochs=4",
+        "trainer.check_val_every_n_epoch=1",
+        "eval_at_init=false",
+        "test=false",
+        "logger=csv",
+    )
     cmd, env, run_dir = cli("ssl/run.py", tmp_path, *overrides)
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 400
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)

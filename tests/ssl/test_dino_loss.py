@@ -41,16 +41,21 @@ def test_loss_and_center_match_lightly():
     g = torch.Generator().manual_seed(0)
     b, k, n_views = 8, 64, 6
     ours = DINOLoss(k, center_momentum=0.9)
-    ref = LightlyDINOLoss(output_dim=k, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                          warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9)
+    ref = LightlyDINOLoss(
+        output_dim=k,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        student_temp=0.1,
+        center_momentum=0.9,
+    )
     for step in range(3):  # several steps so the centre's EMA is exercised too
         student = torch.randn(n_views * b, k, generator=g, requires_grad=True)
         teacher = torch.randn(2 * b, k, generator=g)
         temp = 0.04 + 0.01 * step
         loss = ours(student, teacher, n_views, 0.1, temp)
         student_ref = student.detach().clone().requires_grad_(True)
-        loss_ref = ref(list(teacher.chunk(2)), list(student_ref.chunk(n_views)),
-                       teacher_temp=temp)
+        loss_ref = ref(list(teacher.chunk(2)), list(student_ref.chunk(n_views)), teacher_temp=temp)
         torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
         loss.backward()
         loss_ref.backward()

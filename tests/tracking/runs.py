@@ -24,18 +24,22 @@ SHORT = [
 ]
 
 # DINO on timm's test ViT (6 blocks, 64-d, 2 heads): a real ViT for the attention maps.
-TINY_DINO = TINY_SYNTHETIC + SHORT + [
-    "data.val_fraction=0.5",  # two queries per class, so Recall@K has positives
-    "optimized_metric=val/knn_top1@10",  # the bank (~17 images) caps k = 20 at 17
-    "backbone=vit_tiny",
-    "backbone.name=test_vit",
-    "module.out_dim=128",
-    "module.hidden_dim=64",
-    "module.bottleneck_dim=32",
-    "module.multicrop.global_size=32",
-    "module.multicrop.local_size=16",
-    "module.multicrop.n_local=2",
-]
+TINY_DINO = (
+    TINY_SYNTHETIC
+    + SHORT
+    + [
+        "data.val_fraction=0.5",  # two queries per class, so Recall@K has positives
+        "optimized_metric=val/knn_top1@10",  # the bank (~17 images) caps k = 20 at 17
+        "backbone=vit_tiny",
+        "backbone.name=test_vit",
+        "module.out_dim=128",
+        "module.hidden_dim=64",
+        "module.bottleneck_dim=32",
+        "module.multicrop.global_size=32",
+        "module.multicrop.local_size=16",
+        "module.multicrop.n_local=2",
+    ]
+)
 
 # DOLG on timm's test ResNet, on synthetic postings (5 folds of 2-3 groups each).
 TINY_MATCHING = SHORT + [
@@ -55,9 +59,13 @@ TINY_MATCHING = SHORT + [
 def wandb_env(root: Path) -> dict[str, str]:
     """W&B offline with every folder it writes under `root` (not ~/.local, ~/.cache)."""
     return {
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(root / "wandb_dir"),
-        "WANDB_DATA_DIR": str(root / "wandb_data"), "WANDB_CACHE_DIR": str(root / "wandb_cache"),
-        "WANDB_CONFIG_DIR": str(root / "wandb_config"), "WANDB_DISABLE_GIT": "true",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(root / "wandb_dir"),
+        "WANDB_DATA_DIR": str(root / "wandb_data"),
+        "WANDB_CACHE_DIR": str(root / "wandb_cache"),
+        "WANDB_CONFIG_DIR": str(root / "wandb_config"),
+        "WANDB_DISABLE_GIT": "true",
     }
 
 
@@ -77,16 +85,34 @@ def run_in_process(cfg) -> float | None:
             wandb.finish()
 
 
-def run_script(script: str, overrides: list[str], run_dir: Path, data_dir: Path,
-               env: dict | None = None, timeout: int = 600) -> Path:
+def run_script(
+    script: str,
+    overrides: list[str],
+    run_dir: Path,
+    data_dir: Path,
+    env: dict | None = None,
+    timeout: int = 600,
+) -> Path:
     """`python <script> overrides` in a subprocess, as a user runs it; returns the run dir."""
-    cmd = [sys.executable, str(REPO / script), *overrides, f"hydra.run.dir={run_dir}",
-           f"paths.data_dir={data_dir}"]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout,
-                            capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        str(REPO / script),
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={data_dir}",
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return run_dir
 
 

@@ -17,11 +17,26 @@ def tiny_overrides(tiny_data):
 
 def test_lr_find_command_metric_learning(tmp_path, tiny_overrides):
     out = tmp_path / "lr"
-    result = lr_find_mod.main([
-        "--pipeline", "ssl", "--out-dir", str(out), "--num-training", "16", "--min-lr", "1e-5",
-        "--max-lr", "1", "module=dolg", "backbone.name=test_resnet", "module.model.local_dim=32",
-        "module.model.global_dim=32", "module.model.embedding_dim=32", *tiny_overrides,
-    ])
+    result = lr_find_mod.main(
+        [
+            "--pipeline",
+            "ssl",
+            "--out-dir",
+            str(out),
+            "--num-training",
+            "16",
+            "--min-lr",
+            "1e-5",
+            "--max-lr",
+            "1",
+            "module=dolg",
+            "backbone.name=test_resnet",
+            "module.model.local_dim=32",
+            "module.model.global_dim=32",
+            "module.model.embedding_dim=32",
+            *tiny_overrides,
+        ]
+    )
     assert (out / "lr_find.png").stat().st_size > 1000
     saved = json.loads((out / "lr_find.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -48,11 +63,24 @@ def test_finder_lr_overrides_dinos_own_schedule(tmp_path, tiny_overrides, monkey
 
     original = lr_find_mod.let_finder_drive_lr
     monkeypatch.setattr(lr_find_mod, "let_finder_drive_lr", drive_and_record)
-    cfg = lr_find_mod.compose_pipeline("ssl", tiny_overrides + [
-        "backbone=vit_tiny", "backbone.name=test_vit", "module.out_dim=64", "module.hidden_dim=32",
-        "module.bottleneck_dim=16", "module.multicrop.n_local=0"], str(tmp_path / "lr"))
+    cfg = lr_find_mod.compose_pipeline(
+        "ssl",
+        tiny_overrides
+        + [
+            "backbone=vit_tiny",
+            "backbone.name=test_vit",
+            "module.out_dim=64",
+            "module.hidden_dim=32",
+            "module.bottleneck_dim=16",
+            "module.multicrop.n_local=0",
+        ],
+        str(tmp_path / "lr"),
+    )
     result = lr_find_mod.lr_find(cfg, num_training=6, min_lr=1e-6, max_lr=1e-1)
-    assert seen[:len(result["lr"])] == pytest.approx(result["lr"])
+    assert seen[: len(result["lr"])] == pytest.approx(result["lr"])
     # lr = base_lr x global batch / 256 (data.batch_size=8, one device)
     assert lr_find_mod.config_override(cfg, 1e-3) == {
-        "key": "module.base_lr", "value": pytest.approx(1e-3 * 256 / 8), "global_batch": 8}
+        "key": "module.base_lr",
+        "value": pytest.approx(1e-3 * 256 / 8),
+        "global_batch": 8,
+    }

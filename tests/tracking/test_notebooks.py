@@ -27,11 +27,11 @@ def execute(name: str, run_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("RUN_DIR", str(run_dir))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline figures
     book = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    NotebookClient(book, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     text = "".join(o.get("text", "") for c in book.cells for o in c.get("outputs", []))
-    images = sum("image/png" in o.get("data", {}) for c in book.cells
-                 for o in c.get("outputs", []))
+    images = sum("image/png" in o.get("data", {}) for c in book.cells for o in c.get("outputs", []))
     return text, images
 
 

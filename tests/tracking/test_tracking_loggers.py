@@ -57,8 +57,12 @@ def check_wandb(run):
     assert "val/knn_top1@10" in info["history_keys"]
 
 
-CHECKS = {"csv": check_csv, "tensorboard": check_tensorboard, "mlflow": check_mlflow,
-          "wandb": check_wandb}
+CHECKS = {
+    "csv": check_csv,
+    "tensorboard": check_tensorboard,
+    "mlflow": check_mlflow,
+    "wandb": check_wandb,
+}
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "mlflow", "wandb"])
@@ -69,7 +73,11 @@ def test_logger_writes_its_files(compose_cfg, tiny_data, wandb_offline, logger):
 def test_logger_list_and_many_compose(compose_cfg):
     assert list(compose_cfg("ssl", ["logger=[csv,tensorboard]"]).logger) == ["csv", "tensorboard"]
     assert list(compose_cfg("matching", ["logger=many"]).logger) == [
-        "csv", "tensorboard", "wandb", "mlflow"]
+        "csv",
+        "tensorboard",
+        "wandb",
+        "mlflow",
+    ]
     cfg = compose_cfg("ssl", ["logger=wandb"])
     assert cfg.logger.wandb.offline is True  # offline unless wandb_online=true
     assert compose_cfg("ssl", ["logger=wandb", "wandb_online=true"]).logger.wandb.offline is False

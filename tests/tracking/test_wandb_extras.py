@@ -16,11 +16,18 @@ from tests.tracking.runs import TINY_DINO, run_in_process
 
 
 def test_offline_run_has_artifacts_table_and_promotion(compose_cfg, tiny_data, wandb_offline):
-    cfg = compose_cfg("ssl", TINY_DINO + [
-        "logger=[csv,wandb]", "callbacks=[ssl,wandb_extras]", "callbacks.wandb_extras.examples=4",
-        "callbacks.wandb_extras.promote.registry=wandb-registry-model/reprmatch-test",
-        "callbacks.wandb_extras.promote.min_value=0.0",
-    ], data_dir=tiny_data)
+    cfg = compose_cfg(
+        "ssl",
+        TINY_DINO
+        + [
+            "logger=[csv,wandb]",
+            "callbacks=[ssl,wandb_extras]",
+            "callbacks.wandb_extras.examples=4",
+            "callbacks.wandb_extras.promote.registry=wandb-registry-model/reprmatch-test",
+            "callbacks.wandb_extras.promote.min_value=0.0",
+        ],
+        data_dir=tiny_data,
+    )
     run_in_process(cfg)
     run = Path(cfg.paths.output_dir)
     info = summarize(run)
@@ -55,9 +62,15 @@ def test_offline_run_has_artifacts_table_and_promotion(compose_cfg, tiny_data, w
 
 def test_extras_are_a_no_op_without_wandb(tmp_path):
     cb = WandbExtrasCallback()
-    trainer = SimpleNamespace(loggers=[], is_global_zero=True, sanity_checking=False,
-                              current_epoch=0, max_epochs=1, checkpoint_callback=None,
-                              default_root_dir=str(tmp_path))
+    trainer = SimpleNamespace(
+        loggers=[],
+        is_global_zero=True,
+        sanity_checking=False,
+        current_epoch=0,
+        max_epochs=1,
+        checkpoint_callback=None,
+        default_root_dir=str(tmp_path),
+    )
     assert not cb._due(trainer)  # collects nothing
     cb.on_fit_start(trainer, None)
     cb.on_fit_end(trainer, None)
@@ -66,11 +79,13 @@ def test_extras_are_a_no_op_without_wandb(tmp_path):
 
 def split(labels, dim=8, seed=0, offset=0):
     centres = torch.nn.functional.normalize(
-        torch.randn(10, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+        torch.randn(10, dim, generator=torch.Generator().manual_seed(0)), dim=1
+    )
     g = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(labels)
-    emb = torch.nn.functional.normalize(centres[labels] + 0.05 * torch.randn(len(labels), dim,
-                                                                              generator=g), dim=1)
+    emb = torch.nn.functional.normalize(
+        centres[labels] + 0.05 * torch.randn(len(labels), dim, generator=g), dim=1
+    )
     return {"embeddings": emb, "labels": labels, "index": torch.arange(len(labels)) + offset}
 
 

@@ -68,8 +68,7 @@ def test_crop_of_a_box_is_that_region():
 
 def test_boxes_inside_image():
     h, w = 30, 50  # large scales on a wide image: many boxes must be shrunk to fit
-    boxes = A.random_resized_crop_boxes(2000, h, w, (0.08, 1.0), (3 / 4, 4 / 3),
-                                        generator=_gen(2))
+    boxes = A.random_resized_crop_boxes(2000, h, w, (0.08, 1.0), (3 / 4, 4 / 3), generator=_gen(2))
     x1, y1, x2, y2 = boxes.unbind(1)
     eps = 1e-4
     assert (x1 >= -eps).all() and (y1 >= -eps).all()
@@ -205,8 +204,17 @@ def test_multicrop_normalises_with_its_mean_std():
     colour = torch.tensor([200, 60, 140], dtype=torch.uint8)
     images = colour.view(1, 3, 1, 1).expand(2, 3, 20, 20).contiguous()
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    mc = A.MultiCrop(global_size=16, local_size=8, n_local=2, jitter_p=0.0, grayscale_p=0.0,
-                     blur_p=(1.0, 1.0, 1.0), solarize_p=1.0, mean=mean, std=std)
+    mc = A.MultiCrop(
+        global_size=16,
+        local_size=8,
+        n_local=2,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=(1.0, 1.0, 1.0),
+        solarize_p=1.0,
+        mean=mean,
+        std=std,
+    )
     views = mc(images, generator=_gen(7))
     c = A.to_float(images)[:, :, :1, :1]
     plain = A.normalize(c, mean, std)

@@ -92,8 +92,15 @@ def test_bad_split_arguments():
 
 @pytest.fixture
 def dm(tmp_path) -> StoreDataModule:
-    dm = StoreDataModule(ArraySource(RNG_LABELS), str(tmp_path / "stores"), image_size=4,
-                         batch_size=5, eval_batch_size=7, val_fraction=0.25, seed=3)
+    dm = StoreDataModule(
+        ArraySource(RNG_LABELS),
+        str(tmp_path / "stores"),
+        image_size=4,
+        batch_size=5,
+        eval_batch_size=7,
+        val_fraction=0.25,
+        seed=3,
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm

@@ -38,7 +38,7 @@ def _reference(path: Path, size: int) -> torch.Tensor:
             img = img.resize((w, h), Image.BICUBIC)
         a = np.asarray(img)
     top, left = (h - size) // 2, (w - size) // 2
-    return torch.from_numpy(a[top:top + size, left:left + size].copy()).permute(2, 0, 1)
+    return torch.from_numpy(a[top : top + size, left : left + size].copy()).permute(2, 0, 1)
 
 
 # name -> (class, (height, width), mode): mixed sizes and modes, shorter side mostly == S.
@@ -80,8 +80,11 @@ def shop(tmp_path) -> Path:
             ("p0", "w.png", "42")]  # fmt: skip
     for i, (_, image, _) in enumerate(rows):
         _write(root / "images" / image, (S, S + 2 * i), "RGB", seed=10 + i)
-    _write_csv(root / "train.csv", ["posting_id", "image", "label_group", "title"],
-               [(*r, f"title {i}") for i, r in enumerate(rows)])
+    _write_csv(
+        root / "train.csv",
+        ["posting_id", "image", "label_group", "title"],
+        [(*r, f"title {i}") for i, r in enumerate(rows)],
+    )
     return root
 
 
@@ -118,7 +121,7 @@ def test_folder_store_matches_files(folder, tmp_path):
     # The greyscale file is three equal channels; the odd-margin crop floors its offset.
     assert torch.equal(store.images[1, 0], store.images[1, 2])
     a = np.asarray(Image.open(folder / "dog/e.png").convert("RGB"))
-    assert torch.equal(store.images[4], torch.from_numpy(a[:, 2:2 + S].copy()).permute(2, 0, 1))
+    assert torch.equal(store.images[4], torch.from_numpy(a[:, 2 : 2 + S].copy()).permute(2, 0, 1))
     assert torch.equal(store.tensors["row"][:], torch.arange(7))
     assert len(store) == 7 and store.meta["num_images"] == 7
 
@@ -135,8 +138,11 @@ def test_csv_store_matches_files(shop, tmp_path):
 
 
 def test_csv_image_dir_defaults_to_csv_folder(shop, tmp_path):
-    csv_path = _write_csv(shop / "images" / "local.csv", ["posting_id", "image", "label_group"],
-                          [("a", "x.png", "1"), ("b", "w.png", "2")])
+    csv_path = _write_csv(
+        shop / "images" / "local.csv",
+        ["posting_id", "image", "label_group"],
+        [("a", "x.png", "1"), ("b", "w.png", "2")],
+    )
     src = CsvSource(str(csv_path))
     assert src.paths == [shop / "images" / "x.png", shop / "images" / "w.png"]
 
@@ -243,8 +249,9 @@ def test_pinned_path_with_other_store_is_rebuilt(folder, tmp_path, caplog):
     fixed = tmp_path / "pinned"
     shop = tmp_path / "shop"
     _write(shop / "x.png", (S, S), "RGB", seed=0)
-    csv_path = _write_csv(shop / "a.csv", ["posting_id", "image", "label_group"],
-                          [("p", "x.png", "1")])
+    csv_path = _write_csv(
+        shop / "a.csv", ["posting_id", "image", "label_group"], [("p", "x.png", "1")]
+    )
     other = _build(CsvSource(str(csv_path)), tmp_path, path=fixed)
     assert other.path == fixed and other.meta["source"]["kind"] == "csv"
 
@@ -397,16 +404,22 @@ def test_csv_missing_column(shop, column):
 
 
 def test_csv_duplicated_posting_id(shop):
-    path = _write_csv(shop / "dup.csv", ["posting_id", "image", "label_group"],
-                      [("p1", "x.png", "1"), ("p9", "w.png", "1"), ("p1", "z.jpg", "2")])
+    path = _write_csv(
+        shop / "dup.csv",
+        ["posting_id", "image", "label_group"],
+        [("p1", "x.png", "1"), ("p9", "w.png", "1"), ("p1", "z.jpg", "2")],
+    )
     with pytest.raises(ValueError, match="duplicated") as info:
         CsvSource(str(path), image_dir=str(shop / "images"))
     assert "'posting_id'" in str(info.value) and "p1" in str(info.value)
 
 
 def test_csv_image_missing_on_disk(shop):
-    path = _write_csv(shop / "gone.csv", ["posting_id", "image", "label_group"],
-                      [("p1", "x.png", "1"), ("p2", "gone.png", "1")])
+    path = _write_csv(
+        shop / "gone.csv",
+        ["posting_id", "image", "label_group"],
+        [("p1", "x.png", "1"), ("p2", "gone.png", "1")],
+    )
     with pytest.raises(FileNotFoundError, match="missing") as info:
         CsvSource(str(path), image_dir=str(shop / "images"))
     assert str(shop / "images" / "gone.png") in str(info.value)

@@ -158,12 +158,10 @@ def test_instantiate_unimportable_target_names_key_and_target():
 
 
 def test_instantiate_builds_and_keeps_other_errors():
-    cfg = OmegaConf.create({"_target_": "shared.models.backbone.TimmBackbone",
-                            "name": "resnet18"})
+    cfg = OmegaConf.create({"_target_": "shared.models.backbone.TimmBackbone", "name": "resnet18"})
     assert isinstance(instantiate(cfg, "backbone"), TimmBackbone)
     assert isinstance(instantiate(dict(cfg), "backbone"), TimmBackbone)  # a plain mapping
-    bad = OmegaConf.create({"_target_": "shared.models.backbone.TimmBackbone",
-                            "name": "resnet181"})
+    bad = OmegaConf.create({"_target_": "shared.models.backbone.TimmBackbone", "name": "resnet181"})
     with pytest.raises(Exception, match="Did you mean") as info:  # not an import problem
         instantiate(bad, "backbone")
     assert not isinstance(info.value, ImportError)
