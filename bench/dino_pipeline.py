@@ -40,9 +40,6 @@ Prints tables and writes bench/results/dino_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import statistics
 import time
@@ -52,6 +49,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from _report import write_results
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -412,18 +410,7 @@ def main() -> None:
         print_report(res)
     elapsed = time.perf_counter() - t_start
     print(f"\ntotal {elapsed:.0f} s")
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    out = {"machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or None,
-                       "python": platform.python_version(), "torch": torch.__version__,
-                       "load_avg_1min": load},
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "elapsed_s": round(elapsed, 1), "runs": results}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args, elapsed, {"runs": results})
 
 
 if __name__ == "__main__":

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import faiss
 import torch
+from _report import write_results
 from tqdm.auto import tqdm
 
 from shared.distributed import gather_by_index
@@ -202,18 +200,7 @@ def main() -> None:
               f"{r['x_ours']:>6.2f}  {accs}  {r['max_abs_acc_diff_vs_ours']:.4f}")  # fmt: skip
     print("(search ms: FAISS add+search or torch matmul+topk; for ours, gather_by_index ms)")
     print(f"total {elapsed:.0f} s")
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    out = {"machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or None,
-                       "python": platform.python_version(), "torch": torch.__version__,
-                       "faiss": faiss.__version__, "load_avg_1min": load},
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "elapsed_s": round(elapsed, 1), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args, elapsed, {"rows": rows}, faiss=faiss.__version__)
 
 
 if __name__ == "__main__":

@@ -114,18 +114,11 @@ def show_examples(examples, images, title: str | None = None):
 def plot_history(
     history: list[dict], x: str = "epoch", keys: list[str] | None = None, ylabel: str = ""
 ):
-    import matplotlib.pyplot as plt
+    """The metrics of a run's history (e.g. knn_history.json) against `x`, as a figure."""
+    from shared.plots import curve_figure
 
     keys = keys or [k for k in (history[-1] if history else {}) if k not in ("epoch", "step")]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in keys:
-        ax.plot([r[x] for r in history], [r[key] for r in history], marker="o", label=key)
-    ax.set_xlabel(x)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return curve_figure(history, x, keys, ylabel)
 
 
 def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
