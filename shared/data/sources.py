@@ -23,11 +23,14 @@ class CorruptImagesError(ValueError):
     pass
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode fully, resize the shorter side to `size`, centre-crop: HxWx3 uint8."""
+def decode_image(path, size: int, formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """Decode fully, resize the shorter side to `size`, centre-crop: HxWx3 uint8.
+
+    `path` is a file path or a binary file object; `formats` limits the PIL decoders tried
+    (None: any format PIL knows)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with Image.open(path, formats=formats) as img:
         img.load()  # a truncated file fails here, not later in training
         img = img.convert("RGB")
         w, h = img.size

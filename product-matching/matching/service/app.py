@@ -1,0 +1,329 @@
+"""The FastAPI app: match uploaded images against the gallery, add postings, a web page.
+
+    app = build_app(embedder, gallery, settings)     # then: uvicorn.run(app, ...)
+
+Endpoints are plain `def`s: FastAPI runs them on its thread pool, so decoding and embedding
+(which release the GIL) overlap between requests. Limits, each answered with a 4xx naming
+the upload and the limit: the whole request body (`max_upload_mb`, from Content-Length before
+reading and by counting while reading), the images per request (`max_files`), the pixels of
+one image (`max_pixels`, read from the header before decoding), the formats (PNG, JPEG,
+WebP, GIF, BMP, TIFF), truncated or corrupt files. Added images are written only under
+`data_dir/gallery_images/`, named by a generated id, never by anything the client sent.
+
+(No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, and
+they refer to `settings` of the enclosing `build_app`.)
+"""
+
+import math
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from matching.service.embedder import Embedder, OnnxEmbedder
+from matching.service.gallery import DuplicatePostingError, Gallery, Hit, Posting, select_matches
+from matching.service.images import EXTENSIONS, ImageRejected, decode_upload, describe_upload
+from matching.service.page import PAGE
+from shared.retrieval.threshold import MAX_NEIGHBOURS
+
+# Ids a client may choose for new postings: no separators, so never a path.
+POSTING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_TEXT = {"label_group": 128, "title": 512}
+IMAGES_SUBDIR = "gallery_images"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the service enforces and reports; conf/serve.yaml holds the defaults."""
+
+    threshold: float  # similarity a gallery posting needs to be a match
+    min2: float | None  # keep the nearest posting of a query left without matches if >= this
+    top_k: int  # neighbours returned by default
+    max_top_k: int  # largest `top_k` a request may ask for
+    max_upload_mb: float  # whole request body
+    max_files: int  # images per request
+    max_pixels: int  # width x height of one image, checked before decoding
+    data_dir: Path  # the only folder the service writes to (added images)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
+        for key in ("top_k", "max_top_k", "max_files", "max_pixels"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"top_k={self.top_k} is above max_top_k={self.max_top_k}")
+        if not self.max_upload_mb > 0:
+            raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class BodySizeLimit:
+    """ASGI middleware capping the request body at `max_bytes`: a declared Content-Length
+    above it gets 413 before a byte is read; otherwise the bytes are counted as they arrive
+    (chunked uploads too) and the read that passes the limit raises a 413 HTTPException,
+    which FastAPI answers like any other."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, message: str) -> None:
+        self.app, self.max_bytes, self.message = app, max_bytes, message
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            error = None
+            if not declared.strip().isdigit():
+                error = JSONResponse({"detail": f"invalid Content-Length {declared[:40]!r}"}, 400)
+            elif int(declared) > self.max_bytes:
+                error = JSONResponse({"detail": self.message}, 413)
+            if error is not None:
+                await error(scope, receive, send)
+                return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class PostingOut(BaseModel):
+    posting_id: str
+    label_group: str | None
+    title: str | None
+    similarity: float
+    image_url: str
+
+
+class QueryResult(BaseModel):
+    file: str  # which upload: files[i] and its client filename
+    matches: list[PostingOut]  # similarity >= threshold (or the min2 rule), best first
+    neighbours: list[PostingOut]  # the top_k most similar postings, matched or not
+
+
+class MatchResponse(BaseModel):
+    threshold: float
+    min2: float | None
+    top_k: int
+    gallery_size: int
+    results: list[QueryResult]
+
+
+class AddResponse(BaseModel):
+    added: list[str]
+    gallery_size: int
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    backend: str
+    image_size: int
+    embedding_dim: int
+    gallery_size: int
+    threshold: float
+    min2: float | None
+    top_k: int
+    max_top_k: int
+    max_upload_mb: float
+    max_files: int
+    max_pixels: int
+
+
+def image_url(posting_id: str) -> str:
+    return f"/gallery/{quote(posting_id, safe='')}/image"
+
+
+def posting_out(hit: Hit) -> PostingOut:
+    p = hit.posting
+    return PostingOut(
+        posting_id=p.posting_id,
+        label_group=p.label_group,
+        title=p.title,
+        similarity=round(hit.similarity, 6),
+        image_url=image_url(p.posting_id),
+    )
+
+
+def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastAPI:
+    """The service around an embedder and a gallery of the same embedding size."""
+    app = FastAPI(
+        title="Product matching",
+        summary="Which gallery postings show the same product as this image?",
+        version="1",
+    )
+    images_dir = Path(settings.data_dir).resolve() / IMAGES_SUBDIR
+    backend = "onnx" if isinstance(embedder, OnnxEmbedder) else "torch"
+
+    too_large = (
+        f"request body is larger than max_upload_mb={settings.max_upload_mb:g} MB "
+        f"({settings.max_upload_bytes} bytes)"
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, message=too_large)
+
+    def decode_all(files: list[UploadFile]) -> tuple[np.ndarray, list[str], list[str]]:
+        """uint8 [N, 3, S, S], each upload's description and PIL format; HTTP 4xx on the
+        first bad one."""
+        if len(files) > settings.max_files:
+            raise HTTPException(
+                413, f"{len(files)} images in one request, above max_files={settings.max_files}"
+            )
+        pixels, names, formats = [], [], []
+        for i, upload in enumerate(files):
+            what = describe_upload(i, upload.filename)
+            try:
+                image, fmt = decode_upload(
+                    upload.file.read(), what, embedder.image_size, settings.max_pixels
+                )
+            except ImageRejected as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+            pixels.append(image)
+            names.append(what)
+            formats.append(fmt)
+        return np.stack(pixels), names, formats
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(
+            PAGE,
+            headers={
+                "Content-Security-Policy": "default-src 'none'; img-src 'self' blob:; "
+                "script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(
+            status="ok",
+            model=embedder.name,
+            backend=backend,
+            image_size=embedder.image_size,
+            embedding_dim=gallery.dim,
+            gallery_size=len(gallery),
+            **{k: v for k, v in asdict(settings).items() if k != "data_dir"},
+        )
+
+    @app.post("/match", response_model=MatchResponse)
+    def match(
+        files: Annotated[list[UploadFile], File(description="one or more images")],
+        top_k: Annotated[
+            int | None, Query(ge=1, le=settings.max_top_k, description="neighbours per image")
+        ] = None,
+    ) -> MatchResponse:
+        """Each image's matches (similarity >= threshold) and its top-k neighbours."""
+        images, names, _ = decode_all(files)
+        k = top_k or settings.top_k
+        rows = gallery.search(embedder.embed(images), max(k, MAX_NEIGHBOURS))
+        results = []
+        for name, hits in zip(names, rows):
+            chosen = select_matches([h.similarity for h in hits], settings.threshold, settings.min2)
+            results.append(
+                QueryResult(
+                    file=name,
+                    matches=[posting_out(hits[i]) for i in chosen],
+                    neighbours=[posting_out(h) for h in hits[:k]],
+                )
+            )
+        return MatchResponse(
+            threshold=settings.threshold,
+            min2=settings.min2,
+            top_k=k,
+            gallery_size=len(gallery),
+            results=results,
+        )
+
+    @app.post("/gallery", response_model=AddResponse, status_code=201)
+    def add_postings(
+        files: Annotated[list[UploadFile], File(description="one image per new posting")],
+        posting_id: Annotated[
+            list[str] | None,
+            Form(description="one per file; letters, digits, _ . - (default: generated)"),
+        ] = None,
+        label_group: Annotated[list[str] | None, Form(description="one per file")] = None,
+        title: Annotated[list[str] | None, Form(description="one per file")] = None,
+    ) -> AddResponse:
+        """Add postings to the index, searchable by the next request."""
+        fields = {"posting_id": posting_id, "label_group": label_group, "title": title}
+        for key, values in fields.items():
+            if values is not None and len(values) != len(files):
+                raise HTTPException(
+                    422,
+                    f"{key}: {len(values)} value(s) for {len(files)} file(s); give one per "
+                    "file, in the same order, or none",
+                )
+            for value in values or ():
+                if key in MAX_TEXT and len(value) > MAX_TEXT[key]:
+                    raise HTTPException(422, f"{key} is longer than {MAX_TEXT[key]} characters")
+        ids = [v.strip() for v in posting_id] if posting_id else [""] * len(files)
+        for i, pid in enumerate(ids):
+            if pid and not POSTING_ID.fullmatch(pid):
+                raise HTTPException(
+                    422,
+                    f"posting_id[{i}]={pid[:80]!r} is not allowed: use 1-64 letters, digits, "
+                    "'_', '.' or '-', starting with a letter or digit",
+                )
+        ids = [pid or f"u{uuid.uuid4().hex[:16]}" for pid in ids]
+        repeated = sorted({pid for pid in ids if ids.count(pid) > 1})
+        if repeated:
+            raise HTTPException(422, f"posting_id given more than once: {repeated[:5]}")
+        taken = [pid for pid in ids if pid in gallery]
+        if taken:
+            raise HTTPException(409, f"posting_id already in the gallery: {taken[:5]}")
+        images, _, formats = decode_all(files)
+        embeddings = embedder.embed(images)
+
+        images_dir.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        try:
+            postings = []
+            for i, (upload, fmt) in enumerate(zip(files, formats)):
+                # Not referenced by the gallery until `add` succeeds, so a plain write is safe.
+                path = images_dir / f"{uuid.uuid4().hex}{EXTENSIONS[fmt]}"
+                upload.file.seek(0)
+                with open(path, "xb") as fh:
+                    written.append(path)
+                    fh.write(upload.file.read())
+                label = label_group[i] if label_group else None
+                postings.append(Posting(ids[i], label, title[i] if title else None, str(path)))
+            size = gallery.add(embeddings, postings)
+        except BaseException as exc:
+            for path in written:
+                path.unlink(missing_ok=True)
+            if isinstance(exc, DuplicatePostingError):  # another request added the id meanwhile
+                raise HTTPException(409, str(exc)) from None
+            raise
+        return AddResponse(added=ids, gallery_size=size)
+
+    @app.get("/gallery/{posting_id:path}/image", response_class=FileResponse)
+    def posting_image(posting_id: str) -> FileResponse:
+        """The image of a gallery posting (what the page shows beside each match)."""
+        posting = gallery.get(posting_id)
+        if posting is None:
+            raise HTTPException(404, f"no posting {posting_id[:80]!r} in the gallery")
+        if not Path(posting.image).is_file():
+            raise HTTPException(404, f"the image of posting {posting_id[:80]!r} is missing")
+        return FileResponse(posting.image, headers={"X-Content-Type-Options": "nosniff"})
+
+    return app

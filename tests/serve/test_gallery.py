@@ -1,0 +1,145 @@
+"""The gallery against brute-force numpy: search, the match rule, saving, concurrent use."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from matching.service.gallery import DuplicatePostingError, Gallery, Posting, select_matches
+from shared.retrieval.search import knn_search
+from shared.retrieval.threshold import matches_from_threshold
+
+
+def unit(rng, n, d=16):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def postings(start, n):
+    return [Posting(f"p{i}", f"g{i % 5}", None, f"/img/{i}.png") for i in range(start, start + n)]
+
+
+def filled(n=200, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = unit(rng, n, d)
+    gallery = Gallery(d, "key")
+    assert gallery.add(x, postings(0, n)) == n
+    return gallery, x, rng
+
+
+def test_search_is_the_brute_force_cosine_ranking():
+    gallery, x, rng = filled()
+    q = unit(rng, 7)
+    hits = gallery.search(q * 3.0, k=15)  # not normalised: the gallery normalises queries
+    sims = q @ x.T
+    for row, h in zip(sims, hits):
+        order = np.argsort(-row, kind="stable")[:15]
+        assert [p.posting.posting_id for p in h] == [f"p{i}" for i in order]
+        np.testing.assert_allclose([p.similarity for p in h], row[order], atol=1e-5)
+    assert len(gallery.search(q, k=1000)[0]) == 200  # k is capped at the gallery size
+
+
+def test_select_matches_is_the_set_rule():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        sims = np.sort(rng.uniform(-1, 1, size=rng.integers(0, 70)))[::-1]
+        t, min2 = rng.uniform(-0.5, 1), rng.choice([None, rng.uniform(-1, 1)])
+        expected = {i for i in range(min(50, len(sims))) if sims[i] >= t}
+        if not expected and min2 is not None and len(sims) and sims[0] >= min2:
+            expected = {0}
+        assert set(select_matches(sims, t, min2).tolist()) == expected
+
+
+def test_select_matches_agrees_with_the_runs_evaluation_rule():
+    """A gallery item queried against the others matches what matches.csv would list."""
+    gallery, x, _ = filled(120, seed=3)
+    ids = np.array([f"p{i}" for i in range(120)])
+    sims, idx = knn_search(x, x, 51)
+    for t, min2 in ((0.3, None), (0.45, 0.2), (0.9, 0.3)):
+        reference = matches_from_threshold(sims, idx, ids, t, min2)
+        for i in range(0, 120, 7):
+            other = gallery_without(x, i)
+            hits = other.search(x[i : i + 1], k=50)[0]
+            chosen = select_matches([h.similarity for h in hits], t, min2)
+            got = [hits[j].posting.posting_id for j in chosen]
+            assert got == reference[i][1:]
+
+
+def gallery_without(x, skip):
+    keep = [i for i in range(len(x)) if i != skip]
+    gallery = Gallery(x.shape[1], "key")
+    gallery.add(x[keep], [Posting(f"p{i}", None, None, "") for i in keep])
+    return gallery
+
+
+def test_add_is_all_or_nothing_and_ids_stay_unique():
+    gallery, _, rng = filled(10)
+    with pytest.raises(DuplicatePostingError, match="already in the gallery"):
+        gallery.add(unit(rng, 2), postings(9, 2))
+    with pytest.raises(DuplicatePostingError, match="more than once"):
+        gallery.add(unit(rng, 2), postings(20, 1) * 2)
+    with pytest.raises(ValueError, match=r"need embeddings \[2, 16\]"):
+        gallery.add(unit(rng, 3), postings(20, 2))
+    assert len(gallery) == 10 and gallery.get("p20") is None
+    assert gallery.add(unit(rng, 2), postings(20, 2)) == 12 and "p21" in gallery
+
+
+def test_save_and_load_round_trip(tmp_path):
+    gallery, x, rng = filled(30)
+    path = gallery.save(tmp_path / "g.npz")
+    back = Gallery.load(path, "key")
+    assert back.postings() == gallery.postings()
+    np.testing.assert_array_equal(back.embeddings(), gallery.embeddings())
+    np.testing.assert_allclose(back.embeddings(), x, atol=1e-6)
+    with pytest.raises(ValueError, match="another model"):
+        Gallery.load(path, "other weights")
+
+
+def test_index_path_is_rewritten_after_every_add(tmp_path):
+    rng = np.random.default_rng(4)
+    gallery = Gallery(16, "key", tmp_path / "idx" / "g.npz")
+    gallery.add(unit(rng, 5), postings(0, 5))
+    gallery.add(unit(rng, 2), postings(5, 2))
+    assert len(Gallery.load(tmp_path / "idx" / "g.npz", "key")) == 7
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["g.npz"]  # no temp files
+
+
+def test_concurrent_adds_and_searches_stay_consistent():
+    """Writers append while readers search: every hit's similarity must be the dot product
+    with that posting's own vector (a torn index would pair rows and postings wrongly)."""
+    d, base = 16, 100
+    rng = np.random.default_rng(5)
+    vectors = {f"p{i}": v for i, v in enumerate(unit(rng, base + 4 * 50, d))}
+    gallery = Gallery(d, "key")
+    gallery.add(np.stack([vectors[f"p{i}"] for i in range(base)]), postings(0, base))
+    errors, checked = [], [0]
+
+    def writer(w):
+        for b in range(10):
+            start = base + w * 50 + b * 5
+            batch = postings(start, 5)
+            gallery.add(np.stack([vectors[p.posting_id] for p in batch]), batch)
+
+    def reader(r):
+        q = unit(np.random.default_rng(100 + r), 20, d)
+        for _ in range(30):
+            for row, hits in zip(q, gallery.search(q, k=60)):
+                for h in hits:
+                    if abs(float(row @ vectors[h.posting.posting_id]) - h.similarity) > 1e-5:
+                        errors.append(h)
+                checked[0] += len(hits)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    threads += [threading.Thread(target=reader, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and checked[0] > 0
+    assert len(gallery) == base + 200
+    assert {p.posting_id for p in gallery.postings()} == set(vectors)
+    stored = gallery.embeddings()
+    for i, p in enumerate(gallery.postings()):
+        np.testing.assert_allclose(stored[i], vectors[p.posting_id], atol=1e-6)
