@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,15 +28,44 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
 
+def _numpy_backed_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory numpy allocates.
+
+    numpy asks Linux for transparent huge pages on large buffers (madvise), torch does not:
+    filling a fresh 300 MB tensor then costs a fraction of the page faults, which halves
+    the time of a large row gather on the CPU. Any dtype works (the bytes are reinterpreted).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.empty(math.prod(shape) * itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
+
+
+def _take_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """values[rows] (rows along dim 0) into a new tensor, fast on the CPU."""
+    if values.device.type != "cpu" or values.requires_grad:
+        return values.index_select(0, rows)
+    out = _numpy_backed_empty((len(rows), *values.shape[1:]), values.dtype)
+    return torch.index_select(values, 0, rows, out=out)
+
+
 def gather_by_index(index: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Gather (index, values...) from all ranks; keep one row per index, sorted by index.
 
     DistributedSampler pads the last batch with repeated samples; keying rows by their
-    dataset index removes the repeats, so the result is identical to a single process.
+    dataset index removes the repeats (the first occurrence is kept), so the result is
+    identical to a single process. Rows that already arrive sorted and unique (one process,
+    an unshuffled loader) are returned as they are, without a copy.
     """
-    index = all_gather_cat(index)
+    index = all_gather_cat(index).reshape(-1)
     gathered = [all_gather_cat(v) for v in values]
-    unique, inverse = torch.unique(index, return_inverse=True)
-    first = torch.full((len(unique),), len(index), dtype=torch.long, device=index.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(index), device=index.device), "amin")
-    return (unique, *[g[first] for g in gathered])
+    for v in gathered:
+        if v.shape[0] != index.shape[0]:
+            raise ValueError(f"gather_by_index: {v.shape[0]} rows for {index.shape[0]} indices")
+    if index.numel() < 2 or bool((index[1:] > index[:-1]).all()):
+        return (index, *gathered)
+    # A stable sort keeps repeats in arrival order, so each run's first row is the earliest.
+    ordered, order = torch.sort(index, stable=True)
+    first_of_run = torch.ones_like(ordered, dtype=torch.bool)
+    first_of_run[1:] = ordered[1:] != ordered[:-1]
+    rows = order[first_of_run]
+    return (ordered[first_of_run], *[_take_rows(g, rows) for g in gathered])

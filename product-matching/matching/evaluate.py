@@ -22,17 +22,20 @@ def sweep_embeddings(
     min2: float | None = None,
     blend_k: int | None = None,
     blend_threshold: float | None = None,
+    **search_kwargs,
 ):
     """Search (k = 51: groups of at most 50 plus the posting itself), optionally blend each
-    embedding with its neighbours and search again, then sweep all thresholds."""
+    embedding with its neighbours and search again, then sweep all thresholds.
+
+    `search_kwargs` go to `knn_search` (index="ivf", nlist, nprobe for very large folds)."""
     if len(embeddings) == 0:
         raise ValueError("threshold sweep on an empty validation fold")
-    sims, idx = knn_search(embeddings, embeddings, k)
+    sims, idx = knn_search(embeddings, embeddings, k, **search_kwargs)
     if blend_k:
         embeddings = neighbourhood_blend(
             embeddings, sims, idx, k=blend_k, threshold=blend_threshold
         )
-        sims, idx = knn_search(embeddings, embeddings, k)
+        sims, idx = knn_search(embeddings, embeddings, k, **search_kwargs)
     return threshold_sweep(sims, idx, np.asarray(labels), thresholds, min2=min2), sims, idx
 
 
@@ -53,8 +56,12 @@ class MatchingEvalCallback(EmbeddingCallback):
         plot_dir: str | None = None,
         loader: int = 0,
         every_n_epochs: int = 1,
+        index: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
     ) -> None:
         super().__init__(every_n_epochs)
+        self.search = {"index": index, "nlist": nlist, "nprobe": nprobe}
         start, stop, num = thresholds
         self.thresholds = np.linspace(float(start), float(stop), int(num))
         self.k, self.min2, self.loader = k, min2, loader
@@ -68,8 +75,9 @@ class MatchingEvalCallback(EmbeddingCallback):
         fold = data[self.loader]
         emb, labels = fold["embeddings"].numpy(), fold["labels"].numpy()
         result, _, _ = sweep_embeddings(
-            emb, labels, self.thresholds, self.k, self.min2, self.blend_k, self.blend_threshold
-        )
+            emb, labels, self.thresholds, self.k, self.min2, self.blend_k, self.blend_threshold,
+            **self.search,
+        )  # fmt: skip
         b = result.best_index
         metrics = {
             "f1": result.best_f1,

@@ -26,9 +26,14 @@ class KNNCallback(EmbeddingCallback):
         query_loader: int = 1,
         device: str = "auto",
         history_dir: str | None = None,
+        index: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
     ) -> None:
         super().__init__(every_n_epochs)
         self.ks, self.temperature, self.device = tuple(ks), temperature, device
+        # index="ivf" for banks of millions: approximate, so not the protocol's exact figure.
+        self.search = {"index": index, "nlist": nlist, "nprobe": nprobe}
         self.bank_loader, self.query_loader = bank_loader, query_loader
         self.history_dir = history_dir
         self.history: list[dict] = []
@@ -43,6 +48,8 @@ class KNNCallback(EmbeddingCallback):
             query["labels"],
             ks=self.ks,
             temperature=self.temperature,
+            device=self.device,
+            **self.search,
         )
         # Names stay those of the config (a monitor needs them); k beyond the bank is capped.
         n_bank = len(bank["labels"])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.retrieval.search import as_float32_matrix, knn_search, l2_normalize
+from shared.retrieval.search import as_float32_matrix, ensure_unit_rows, knn_search
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -56,40 +56,86 @@ def knn_accuracy(
     num_classes: int | None = None,
     chunk_size: int = 8192,
     device: str = "auto",
+    **search_kwargs: Any,
 ) -> dict[int, float]:
     """Weighted kNN top-1 accuracy of the queries against the bank, for each k in `ks`.
 
-    Features are L2-normalised here (a no-op if they already are). One search with the
-    largest k serves every k: the top-k is a prefix of the top-max(k). Each k is capped at
-    the bank size, and ks that become equal after capping share one key. Queries are voted
-    `chunk_size` at a time so the [chunk, C] score matrix stays small.
+    Features are L2-normalised here unless every row already has unit norm (then they are
+    searched exactly as given). One search with the largest k serves every k: the top-k is a
+    prefix of the top-max(k). Each k is capped at the bank size, and ks that become equal
+    after capping share one key. Queries are voted `chunk_size` at a time so the [chunk, C]
+    score matrix stays small. `search_kwargs` go to `knn_search` (e.g. index="ivf", nprobe).
+    """
+    query_y = _as_tensor(query_labels).long().cpu().reshape(-1)
+    preds = knn_predictions(
+        bank_features, bank_labels, query_features, ks, temperature, num_classes, chunk_size,
+        device, query_count=query_y.numel(), **search_kwargs,
+    )  # fmt: skip
+    return {k: int((p == query_y).sum()) / len(query_y) for k, p in preds.items()}
+
+
+def knn_predictions(
+    bank_features: Any,
+    bank_labels: Any,
+    query_features: Any,
+    ks: Iterable[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 8192,
+    device: str = "auto",
+    *,
+    query_count: int | None = None,
+    **search_kwargs: Any,
+) -> dict[int, torch.Tensor]:
+    """Weighted kNN predicted class per query for each (capped) k: {k: int64 tensor [Nq]}.
+
+    What `knn_accuracy` scores; same arguments. `num_classes` defaults to the largest bank
+    label + 1 (classes no bank item has can never win the vote).
+    A query's scores grow k by k in one scatter buffer: adding neighbours k1..k2-1 to the
+    scores of the first k1 is the same sequence of float additions as voting the first k2
+    afresh, so every k's scores are bit for bit those of `weighted_knn_vote`. Ties between
+    classes go to the lowest class id (torch argmax). `query_count` only checks the row count.
     """
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be non-empty and >= 1, got {ks}")
-    bank = l2_normalize(as_float32_matrix(bank_features, "bank_features"))
-    query = l2_normalize(as_float32_matrix(query_features, "query_features"))
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bank = ensure_unit_rows(as_float32_matrix(bank_features, "bank_features"))
+    query = ensure_unit_rows(as_float32_matrix(query_features, "query_features"))
     bank_y = _as_tensor(bank_labels).long().cpu().reshape(-1)
-    query_y = _as_tensor(query_labels).long().cpu().reshape(-1)
-    if bank_y.numel() != bank.shape[0] or query_y.numel() != query.shape[0]:
+    if bank_y.numel() != bank.shape[0] or query_count not in (None, query.shape[0]):
         raise ValueError("labels must have one entry per feature row")
     if num_classes is None:
-        num_classes = int(max(bank_y.max(), query_y.max())) + 1 if bank_y.numel() else 0
+        num_classes = int(bank_y.max()) + 1 if bank_y.numel() else 0
+    if bank_y.numel() and int(bank_y.max()) >= num_classes:
+        raise ValueError(f"a bank label is >= num_classes={num_classes}")
 
     capped = sorted({min(k, bank.shape[0]) for k in ks})
-    sims, idx = knn_search(query, bank, capped[-1], device=device, chunk_size=chunk_size)
-    sims_t = torch.from_numpy(sims)
-    idx_t = torch.from_numpy(idx)
+    sims, idx = knn_search(
+        query, bank, capped[-1], device=device, chunk_size=chunk_size, **search_kwargs
+    )
+    sims_t, idx_t = torch.from_numpy(sims), torch.from_numpy(idx)
+    # Negative labels (and the -1 of a missing neighbour) do not vote: weight 0, class 0.
+    unlabelled = bool(bank_y.numel()) and int(bank_y.min()) < 0
+    votes_y = bank_y.clamp(min=0) if unlabelled else bank_y
 
-    correct = dict.fromkeys(capped, 0)
+    preds = {k: torch.empty(query.shape[0], dtype=torch.long) for k in capped}
     for start in range(0, query.shape[0], chunk_size):
         stop = min(start + chunk_size, query.shape[0])
         chunk_idx = idx_t[start:stop]
-        neighbour_y = torch.where(chunk_idx >= 0, bank_y[chunk_idx.clamp(min=0)], -1)
-        truth = query_y[start:stop]
+        neighbour_y = votes_y[chunk_idx.clamp(min=0)]
+        weights = (sims_t[start:stop] / temperature).exp()
+        missing = chunk_idx < 0
+        if unlabelled:
+            missing |= bank_y[chunk_idx.clamp(min=0)] < 0
+        weights.masked_fill_(missing, 0.0)
+        scores = torch.zeros(stop - start, num_classes, dtype=torch.float32)
+        done = 0
         for k in capped:
-            scores = weighted_knn_vote(
-                sims_t[start:stop, :k], neighbour_y[:, :k], num_classes, temperature
-            )
-            correct[k] += int((scores.argmax(dim=1) == truth).sum())
-    return {k: correct[k] / query.shape[0] for k in capped}
+            scores.scatter_add_(1, neighbour_y[:, done:k], weights[:, done:k])
+            done = k
+            preds[k][start:stop] = scores.argmax(dim=1)
+    return preds

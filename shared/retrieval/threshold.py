@@ -27,12 +27,35 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _float_sims(x: Any) -> np.ndarray:
+    """Similarities as float32 when they fit it exactly (float32 or narrower), else float64."""
+    s = _numpy(x)
+    exact32 = np.issubdtype(s.dtype, np.floating) and s.dtype.itemsize <= 4
+    return s.astype(np.float32 if exact32 else np.float64, copy=False)
+
+
+def _ceil_to(values: Any, dtype: Any) -> np.ndarray:
+    """The smallest `dtype` number >= each value (float64 in).
+
+    For x of that dtype, `x >= v` exactly when `x >= _ceil_to(v)`: float32 similarities are
+    compared with float64 thresholds without widening the similarities.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if np.dtype(dtype) == np.float64:
+        return v
+    with np.errstate(over="ignore"):
+        out = v.astype(dtype)
+    low = out < v
+    out[low] = np.nextafter(out[low], np.asarray(np.inf, dtype))
+    return out
+
+
 @dataclass(frozen=True)
 class _Candidates:
     """A self-search result with each row's other neighbours marked, shared by the sweep,
     the matches and the blend so all three apply one rule."""
 
-    sims: np.ndarray  # float64 [N, k], -inf where not a valid other neighbour
+    sims: np.ndarray  # float32 or float64 [N, k], -inf where not a candidate
     idx: np.ndarray  # int64 [N, k]; -1 where FAISS found nothing
     cand: np.ndarray  # bool [N, k], other (non-self) neighbours that may be predicted
     self_ids: np.ndarray  # int64 [N], gallery position of each query row
@@ -41,52 +64,111 @@ class _Candidates:
 
     @property
     def nearest_sim(self) -> np.ndarray:
-        """Similarity of the nearest other neighbour, -inf where there is none."""
+        """Similarity (float64) of the nearest other neighbour, -inf where there is none."""
         if not self.cand.shape[1]:
             return np.full(len(self.cand), -np.inf)
-        return np.where(self.has_other, self.sims[np.arange(len(self.sims)), self.first], -np.inf)
+        nearest = self.sims[np.arange(len(self.sims)), self.first].astype(np.float64)
+        return np.where(self.has_other, nearest, -np.inf)
+
+
+def _self_ids(n_rows: int, n_gallery: int, query_ids: Any) -> np.ndarray:
+    if n_rows == 0 or n_gallery == 0:
+        raise ValueError("empty validation fold: no rows to match")
+    if query_ids is None:
+        if n_rows != n_gallery:
+            raise ValueError(f"{n_rows} query rows but {n_gallery} gallery items: pass query_ids")
+        return np.arange(n_gallery, dtype=np.int64)
+    self_ids = _numpy(query_ids).astype(np.int64).reshape(-1)
+    if self_ids.shape[0] != n_rows:
+        raise ValueError(f"{self_ids.shape[0]} query_ids for {n_rows} rows")
+    if self_ids.max() >= n_gallery or self_ids.min() < 0:
+        raise ValueError(f"a query id is out of range for a gallery of {n_gallery}")
+    return self_ids
 
 
 def _candidates(
     sims: Any, idx: Any, n_gallery: int, query_ids: Any, max_neighbours: int
 ) -> _Candidates:
-    s = _numpy(sims).astype(np.float64)
-    ix = _numpy(idx).astype(np.int64)
+    s, ix = _float_sims(sims), _numpy(idx).astype(np.int64, copy=False)
     if s.ndim != 2 or s.shape != ix.shape:
         raise ValueError(f"sims {s.shape} and idx {ix.shape} must be equal 2-D [N, k]")
-    if s.shape[0] == 0 or n_gallery == 0:
-        raise ValueError("empty validation fold: no rows to match")
-    if query_ids is None:
-        if s.shape[0] != n_gallery:
-            raise ValueError(
-                f"{s.shape[0]} query rows but {n_gallery} gallery items: pass query_ids"
-            )
-        self_ids = np.arange(n_gallery, dtype=np.int64)
-    else:
-        self_ids = _numpy(query_ids).astype(np.int64).reshape(-1)
-        if self_ids.shape[0] != s.shape[0]:
-            raise ValueError(f"{self_ids.shape[0]} query_ids for {s.shape[0]} rows")
-    if (ix.size and ix.max() >= n_gallery) or self_ids.max() >= n_gallery or self_ids.min() < 0:
-        raise ValueError(f"an index or query id is out of range for a gallery of {n_gallery}")
+    self_ids = _self_ids(s.shape[0], n_gallery, query_ids)
+    return _row_candidates(s, ix, n_gallery, self_ids, max_neighbours)
+
+
+def _row_candidates(
+    s: np.ndarray, ix: np.ndarray, n_gallery: int, self_ids: np.ndarray, max_neighbours: int
+) -> _Candidates:
+    """`_candidates` of checked arrays (any block of rows: each row is handled alone)."""
     if max_neighbours < 0:
         raise ValueError(f"max_neighbours must be >= 0, got {max_neighbours}")
-
-    valid = (ix >= 0) & (ix != self_ids[:, None])
+    n, k = s.shape
+    if ix.size and ix.max() >= n_gallery:
+        raise ValueError(f"an index is out of range for a gallery of {n_gallery}")
+    valid = ix != self_ids[:, None]
+    if ix.size and ix.min() < 0:  # -1: FAISS found nothing
+        valid &= ix >= 0
     # "The nearest other" and "the 50 best" need the candidates in similarity order. FAISS
     # rows already are (masking self out keeps the others' order), so sort only when not.
-    unsorted = np.any(s[:, :-1] < s[:, 1:])
+    unsorted = k > 1 and bool(np.any(s[:, :-1] < s[:, 1:]))
     s = np.where(valid, s, -np.inf)
     if unsorted:
         order = np.argsort(-s, axis=1, kind="stable")
         s = np.take_along_axis(s, order, 1)
         ix = np.take_along_axis(ix, order, 1)
         valid = np.take_along_axis(valid, order, 1)
-    cand = valid & (np.cumsum(valid, axis=1) <= max_neighbours)
-    if cand.shape[1]:
-        first, has_other = np.argmax(cand, axis=1), cand.any(axis=1)
+    cand = valid
+    if k > max_neighbours:  # drop the candidates past the best max_neighbours
+        over = np.flatnonzero(np.count_nonzero(valid, axis=1) > max_neighbours)
+        if over.size:
+            kept = valid[over] & (np.cumsum(valid[over], axis=1) <= max_neighbours)
+            cand = valid.copy()
+            cand[over] = kept
+            s[over] = np.where(kept, s[over], -np.inf)
+    if k:
+        first = np.argmax(cand, axis=1)
+        has_other = cand[np.arange(n), first]
     else:
-        first, has_other = np.zeros(len(cand), np.int64), np.zeros(len(cand), bool)
+        first, has_other = np.zeros(n, np.int64), np.zeros(n, bool)
     return _Candidates(s, ix, cand, self_ids, first, has_other)
+
+
+def _threshold_counts(s: np.ndarray, sorted_thr: np.ndarray) -> np.ndarray:
+    """For every entry of `s`, how many of the ascending `sorted_thr` are <= it (flat intp).
+
+    `np.searchsorted`, exact, but through a lookup table: the value range of the thresholds
+    is cut into 64 cells per threshold, each entry's cell comes from one multiply-add (a
+    monotone map, so an entry and a threshold in different cells are ordered as their
+    cells), the table gives the count of every cell that holds no threshold, and only the
+    entries in the few cells that hold one are binary-searched. Several times faster than
+    searchsorted on a million entries, which would otherwise be the sweep's largest cost.
+    `sorted_thr` must be of `s`'s dtype (see `_ceil_to`) and `s` must hold no NaN.
+    """
+    flat = s.reshape(-1)
+    lo, hi = float(sorted_thr[0]), float(sorted_thr[-1])
+    cells = min(64 * len(sorted_thr), 1 << 20)
+    dt = s.dtype.type
+    with np.errstate(over="ignore"):
+        spread = np.float64(hi) - np.float64(lo)
+        scale = dt(cells / spread) if spread > 0 else dt(0)
+        shift = dt(2.0 - lo * float(scale))
+    if not (np.isfinite(scale) and np.isfinite(shift) and scale > 0):
+        return np.searchsorted(sorted_thr, flat, side="right")
+
+    def cell_of(x: np.ndarray) -> np.ndarray:  # in [0, cells + 4); -inf -> 0, +inf -> last
+        with np.errstate(over="ignore"):
+            c = np.multiply(x, scale, dtype=dt)
+            c += shift
+        np.clip(c, 0, cells + 3, out=c)
+        return c.astype(np.intp)
+
+    thr_cells = cell_of(sorted_thr)
+    table = np.searchsorted(thr_cells, np.arange(cells + 4), side="left").astype(np.intp)
+    table[thr_cells] = -1  # cells holding a threshold: search those entries exactly
+    counts = table.take(cell_of(flat))
+    unsure = np.flatnonzero(counts < 0)
+    counts[unsure] = np.searchsorted(sorted_thr, flat[unsure], side="right")
+    return counts
 
 
 @dataclass(frozen=True)
@@ -129,6 +211,7 @@ def threshold_sweep(
     query_ids: Any = None,
     min2: float | None = None,
     max_neighbours: int = MAX_NEIGHBOURS,
+    chunk_rows: int = 4096,
 ) -> SweepResult:
     """Shopee F1, precision and recall of "match if sim >= t" for every threshold t at once.
 
@@ -140,62 +223,99 @@ def threshold_sweep(
     neighbours with sim >= t, at most `max_neighbours` of them (the best ones). `min2`: a
     row left with only itself keeps its nearest other neighbour if that one's sim >= min2.
 
-    Vectorised, and O(N k + T) rather than O(N T): taking a row's candidates in similarity
-    order, each one grows P by one item and changes the row's score by a known delta; a
-    candidate is predicted exactly for the thresholds <= its similarity, so one histogram of
-    the deltas over the sorted thresholds, summed from the top, gives every threshold's
-    total at once.
+    O(N k + T), not O(N k T): taking a row's candidates in similarity order, each one grows
+    P by one item and changes the row's score by a known delta; a candidate is predicted
+    exactly for the thresholds <= its similarity, so one histogram of the deltas over the
+    sorted thresholds, summed from the top, gives every threshold's total at once. Rows go
+    `chunk_rows` at a time, which bounds the memory and keeps each pass in cache.
     """
     y = _numpy(labels).reshape(-1)
-    c = _candidates(sims, idx, y.shape[0], query_ids, max_neighbours)
     thr = _numpy(thresholds).astype(np.float64).reshape(-1)
     if thr.size == 0:
         raise ValueError("thresholds must not be empty")
     if not np.isfinite(thr).all():
         raise ValueError("thresholds must be finite")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    s_all, ix_all = _float_sims(sims), _numpy(idx).astype(np.int64, copy=False)
+    if s_all.ndim != 2 or s_all.shape != ix_all.shape:
+        raise ValueError(f"sims {s_all.shape} and idx {ix_all.shape} must be equal 2-D [N, k]")
+    n_gallery = y.shape[0]
+    self_all = _self_ids(s_all.shape[0], n_gallery, query_ids)
 
     _, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
     codes = codes.reshape(-1)
-    row_code = codes[c.self_ids]
-    truth = counts[row_code].astype(np.float64)[:, None]
-    match = c.cand & (codes[np.clip(c.idx, 0, None)] == row_code[:, None])
-    rows = np.arange(len(row_code))
-
-    # Row scores with the row itself plus m other predictions, tp of them true.
-    metrics = {
-        "f1": lambda m, tp: 2.0 * (1.0 + tp) / (1.0 + m + truth),
-        "precision": lambda m, tp: (1.0 + tp) / (1.0 + m),
-        "recall": lambda m, tp: (1.0 + tp) / truth,
-    }
-    # The state after / before each candidate joins P (it joins after all better ones).
-    m_after = np.cumsum(c.cand, axis=1).astype(np.float64)
-    tp_after = np.cumsum(match, axis=1).astype(np.float64)
-    m_before, tp_before = np.maximum(m_after - 1.0, 0.0), tp_after - match
-    # min2: a row whose P would be only itself predicts its nearest other instead, so its
-    # "nothing above the threshold" score is that of one prediction and the first
-    # candidate's delta is zero.
-    keep_nearest = np.zeros(len(rows), dtype=bool)
-    if min2 is not None:
-        keep_nearest = c.has_other & (c.nearest_sim >= min2)
-    nearest_cell = (rows[keep_nearest], c.first[keep_nearest])
-    m_base = keep_nearest.astype(np.float64)[:, None]
-    tp_base = np.zeros_like(m_base)
-    tp_base[keep_nearest, 0] = match[nearest_cell]
-
     order = np.argsort(thr, kind="stable")
-    # pos = how many sorted thresholds are <= sim: the candidate is predicted for sorted
-    # thresholds 0 .. pos-1. Non-candidates have delta 0, so their pos does not matter.
-    pos = np.searchsorted(thr[order], c.sims, side="right").ravel()
+    sorted_thr = _ceil_to(thr[order], s_all.dtype)
+    k = s_all.shape[1]
+    # u = m + g and u (u + 1) below stay small integers unless groups are huge.
+    wide = np.int64 if k + int(counts.max()) + 2 > 40000 else np.int32
+
+    # hist[name][j]: summed score change of the candidates predicted for sorted thresholds
+    # 0 .. j-1 only (their similarity reaches threshold j-1 but not j); base: the scores
+    # with no candidate predicted (min2 included).
+    hist = {name: np.zeros(thr.size + 1) for name in ("f1", "precision", "recall")}
+    base = dict.fromkeys(hist, 0.0)
+    for start in range(0, s_all.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        c = _row_candidates(s_all[rows], ix_all[rows], n_gallery, self_all[rows], max_neighbours)
+        if c.cand.size and np.isnan(c.sims.max()):
+            raise ValueError("sims hold NaN for a neighbour")
+        row_code = codes[c.self_ids]
+        g = counts[row_code].astype(wide)[:, None]  # |T|
+        match = codes.take(c.idx) == row_code[:, None]
+        match &= c.cand
+        # After a candidate joins P: m others predicted, tp of them true; a = 1 + tp.
+        m = np.cumsum(c.cand, axis=1, dtype=wide)
+        a = np.cumsum(match, axis=1, dtype=wide)
+        a += 1
+        # Each metric's change when a candidate joins (one exact rational, one division):
+        #   F1 / 2:    a/(u+1) - (a-match)/u  = (match (u+1) - a) / (u (u+1)),  u = m + g
+        #   precision: a/(m+1) - (a-match)/m  = (match (m+1) - a) / (m (m+1))
+        #   recall:    a/g     - (a-match)/g  = match / g   (true candidates only)
+        u = m + g
+        u1 = u + 1
+        num = match * u1
+        num -= a
+        u *= u1
+        d_f1 = np.divide(num, u, dtype=np.float64)
+        np.maximum(m, 1, out=m)  # m = 0 only left of the first candidate: bin 0, unread
+        u1 = m + 1
+        num = match * u1
+        num -= a
+        m *= u1
+        d_precision = np.divide(num, m, dtype=np.float64)
+        # Non-candidates hold -inf, so they land in bin 0, which no threshold reads.
+        bins = _threshold_counts(c.sims, sorted_thr)
+        # min2: a row that would predict only itself keeps its nearest other instead, so
+        # its no-candidate state is "one prediction" and that candidate changes nothing
+        # (moved to the unread bin 0).
+        n_base = np.zeros(len(row_code))
+        tp_base = np.zeros(len(row_code))
+        if min2 is not None:
+            keep = np.flatnonzero(c.has_other & (c.nearest_sim >= min2))
+            n_base[keep] = 1.0
+            tp_base[keep] = match[keep, c.first[keep]]
+            bins.reshape(c.sims.shape)[keep, c.first[keep]] = 0
+        gf = g[:, 0].astype(np.float64)
+        base["f1"] += float((2.0 * (1.0 + tp_base) / (1.0 + n_base + gf)).sum())
+        base["precision"] += float(((1.0 + tp_base) / (1.0 + n_base)).sum())
+        base["recall"] += float(((1.0 + tp_base) / gf).sum())
+        size = thr.size + 1
+        hist["f1"] += np.bincount(bins, weights=d_f1.reshape(-1), minlength=size)
+        hist["precision"] += np.bincount(bins, weights=d_precision.reshape(-1), minlength=size)
+        true_weights = np.broadcast_to(1.0 / gf[:, None], match.shape)[match]
+        true_bins = bins[match.reshape(-1)]
+        hist["recall"] += np.bincount(true_bins, weights=true_weights, minlength=size)
+
     out = {}
-    for name, score in metrics.items():
-        delta = np.where(c.cand, score(m_after, tp_after) - score(m_before, tp_before), 0.0)
-        delta[nearest_cell] = 0.0
-        base = score(m_base, tp_base)
-        hist = np.bincount(pos, weights=delta.ravel(), minlength=thr.size + 1)
-        above = np.cumsum(hist[::-1])[::-1][1:]  # sorted threshold t: sum of hist[t + 1:]
-        sorted_mean = (base.sum() + above) / len(rows)
-        out[name] = np.empty_like(sorted_mean)
-        out[name][order] = sorted_mean
+    n_rows = s_all.shape[0]
+    for name, h in hist.items():
+        above = np.cumsum(h[::-1])[::-1][1:]  # sorted threshold j: sum of h[j + 1:]
+        if name == "f1":
+            above = 2.0 * above
+        out[name] = np.empty(thr.size)
+        out[name][order] = (base[name] + above) / n_rows
     return SweepResult(thr, out["f1"], out["precision"], out["recall"], int(np.argmax(out["f1"])))
 
 
@@ -217,7 +337,7 @@ def matches_from_threshold(
     """
     id_arr = _numpy(ids).reshape(-1)
     c = _candidates(sims, idx, id_arr.shape[0], query_ids, max_neighbours)
-    chosen = c.cand & (c.sims >= threshold)
+    chosen = c.cand & (c.sims >= _ceil_to(threshold, c.sims.dtype))
     if min2 is not None:
         lone = np.flatnonzero(~chosen.any(axis=1) & c.has_other & (c.nearest_sim >= min2))
         chosen[lone, c.first[lone]] = True
@@ -254,7 +374,7 @@ def neighbourhood_blend(
         raise ValueError(f"k must be >= 0, got {k}")
     max_n = np.iinfo(np.int64).max if k is None else int(k)
     c = _candidates(sims, idx, e.shape[0], None, max_n)
-    use = c.cand if threshold is None else c.cand & (c.sims >= threshold)
+    use = c.cand if threshold is None else c.cand & (c.sims >= _ceil_to(threshold, c.sims.dtype))
     weights = np.where(use, np.clip(c.sims, 0.0, None), 0.0).astype(np.float32)
     neighbours = np.clip(c.idx, 0, None)
 

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -67,3 +68,32 @@ def test_two_ranks_equal_one(tmp_path):
         assert torch.equal(r["bank"][1], bank)
         assert r["knn"] == single_knn
         torch.testing.assert_close(r["center"], single.center)
+
+
+def test_gather_by_index_one_process_sorts_and_drops_repeats():
+    """One process: rows come back sorted by index, the first copy of a repeated index
+    kept, every dtype (bfloat16 included) moved alike; an index-order reference by loop."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.tensor([5, 2, 9, 2, 0, 7, 5, 1])
+    x = torch.randn(len(index), 4, generator=g)
+    y = torch.arange(len(index)) * 10
+    half = x.to(torch.bfloat16)
+    got_index, got_x, got_y, got_half = gather_by_index(index, x, y, half)
+    first = {}
+    for row, i in enumerate(index.tolist()):
+        first.setdefault(i, row)
+    keep = [first[i] for i in sorted(first)]
+    assert got_index.tolist() == sorted(first)
+    assert torch.equal(got_x, x[keep]) and torch.equal(got_y, y[keep])
+    assert got_half.dtype == torch.bfloat16 and torch.equal(got_half, half[keep])
+
+
+def test_gather_by_index_in_order_rows_are_not_copied():
+    x = torch.randn(6, 3)
+    index, out = gather_by_index(torch.arange(6), x)
+    assert out is x and torch.equal(index, torch.arange(6))
+
+
+def test_gather_by_index_row_count_mismatch_raises():
+    with pytest.raises(ValueError, match="rows for"):
+        gather_by_index(torch.tensor([1, 0]), torch.zeros(3, 2))

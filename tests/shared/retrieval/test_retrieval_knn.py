@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.retrieval.knn import knn_accuracy, weighted_knn_vote
+from shared.retrieval.knn import knn_accuracy, knn_predictions, weighted_knn_vote
+from shared.retrieval.search import knn_search, l2_normalize
 
 
 def clustered(n, dim, n_classes, noise, seed):
@@ -76,3 +77,36 @@ def test_bad_ks_raise():
     bank, bank_y = clustered(10, 4, 2, 1.0, seed=5)
     with pytest.raises(ValueError, match="ks"):
         knn_accuracy(bank, bank_y, bank, bank_y, ks=(0, 5))
+
+
+def test_predictions_equal_one_vote_per_k():
+    """Scores grown k by k in one buffer are the fresh vote of each k: same argmax."""
+    bank, bank_y = clustered(800, 24, 12, 2.0, seed=6)
+    query, _ = clustered(150, 24, 12, 2.0, seed=7)
+    ks = (1, 3, 10, 50, 200)
+    preds = knn_predictions(bank, bank_y, query, ks=ks, num_classes=12, chunk_size=40)
+    sims, idx = knn_search(l2_normalize(query), l2_normalize(bank), max(ks))
+    for k in ks:
+        scores = weighted_knn_vote(sims[:, :k], bank_y.numpy()[idx[:, :k]], 12)
+        np.testing.assert_array_equal(preds[k].numpy(), scores.argmax(axis=1))
+
+
+def test_ivf_with_every_cell_probed_gives_the_flat_accuracy():
+    bank, bank_y = clustered(3000, 16, 10, 1.2, seed=8)
+    query, query_y = clustered(200, 16, 10, 1.2, seed=9)
+    flat = knn_accuracy(bank, bank_y, query, query_y, ks=(5, 20))
+    ivf = knn_accuracy(bank, bank_y, query, query_y, ks=(5, 20), index="ivf", nlist=30, nprobe=30)
+    assert ivf == flat
+
+
+def test_negative_bank_labels_do_not_vote_and_bad_labels_raise():
+    bank, bank_y = clustered(300, 8, 4, 1.0, seed=10)
+    query, query_y = clustered(60, 8, 4, 1.0, seed=11)
+    hidden = bank_y.clone()
+    hidden[::3] = -1  # unlabelled bank items: as if absent from the neighbour lists
+    got = knn_accuracy(bank, hidden, query, query_y, ks=(7,))
+    sims, idx = knn_search(l2_normalize(query.numpy()), l2_normalize(bank.numpy()), 7)
+    scores = weighted_knn_vote(sims, hidden.numpy()[idx], 4)
+    assert got[7] == float(np.mean(scores.argmax(axis=1) == query_y.numpy()))
+    with pytest.raises(ValueError, match="num_classes"):
+        knn_accuracy(bank, bank_y, query, query_y, ks=(5,), num_classes=2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.retrieval.search import knn_search, l2_normalize
+from shared.retrieval.search import ensure_unit_rows, knn_search, l2_normalize
 
 
 def clustered(n, dim, n_clusters, noise, seed):
@@ -68,6 +68,42 @@ def test_ivf_recall_close_to_exact_and_exhaustive_probe_is_exact():
     sims_all, every = knn_search(q, g, 10, index="ivf", nlist=40, nprobe=40)
     np.testing.assert_array_equal(every, exact)
     assert np.isfinite(sims_all).all()
+
+
+def test_flat_search_is_indexflatip_bit_for_bit():
+    """The CPU flat path calls FAISS's brute-force routine without building an index: the
+    same kernel as IndexFlatIP.search, so the very same floats and ids (ties included)."""
+    q, _ = clustered(300, 48, 6, 0.2, seed=11)
+    g, _ = clustered(2500, 48, 6, 0.2, seed=12)
+    g[100:110] = g[0]  # exact ties
+    index = faiss.IndexFlatIP(48)
+    index.add(g)
+    ref_sims, ref_idx = index.search(q, 40)
+    for chunk in (65536, 7):
+        sims, idx = knn_search(q, g, 40, device="cpu", chunk_size=chunk)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(sims, ref_sims)
+
+
+def test_ivf_trained_on_a_sample_with_every_cell_probed_equals_flat():
+    g, _ = clustered(4000, 32, 20, 0.3, seed=13)
+    q, _ = clustered(150, 32, 20, 0.3, seed=14)
+    exact_sims, exact = knn_search(q, g, 12)
+    sims, idx = knn_search(q, g, 12, index="ivf", nlist=50, nprobe=50, train_size=500)
+    np.testing.assert_array_equal(idx, exact)
+    np.testing.assert_allclose(sims, exact_sims, atol=1e-6)
+    with pytest.raises(ValueError, match="train_size"):
+        knn_search(q, g, 12, index="ivf", nlist=50, train_size=49)
+
+
+def test_ensure_unit_rows_keeps_unit_rows_and_normalises_others():
+    x, _ = clustered(50, 16, 3, 1.0, seed=15)
+    assert ensure_unit_rows(x) is x  # already unit: searched exactly as given
+    raw = 3.0 * x
+    raw[4] = 0.0
+    out = ensure_unit_rows(raw)
+    np.testing.assert_array_equal(out, l2_normalize(raw))
+    assert not np.shares_memory(out, raw)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ import torch
 
 from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import (
+    _ceil_to,
+    _threshold_counts,
     matches_from_threshold,
     neighbourhood_blend,
     plot_threshold_sweep,
@@ -88,6 +90,85 @@ def test_sweep_matches_brute_force_sets(min2):
     assert got.best_index == int(np.argmax(ref["f1"]))
     assert got.best_f1 == pytest.approx(ref["f1"].max())
     assert got.best_threshold == thresholds[got.best_index]
+
+
+def random_neighbours(seed, n=120, k=9, dtype=np.float32):
+    """Neighbour lists drawn at random, not searched: similarities on a grid of 1/8 (many
+    exact ties, some at the thresholds), singletons and large groups, self at any column or
+    missing, -1 padding, some rows unsorted, so the cap and every tie rule are exercised."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n // 3, n)
+    labels[:6] = np.arange(1000, 1006)  # singletons
+    idx = np.stack([rng.choice(n, k, replace=False) for _ in range(n)])
+    sims = np.sort(rng.integers(-2, 9, (n, k)) / 8, axis=1)[:, ::-1].astype(dtype)
+    has_self = rng.random(n) < 0.8
+    idx[has_self, rng.integers(0, k, n)[has_self]] = np.flatnonzero(has_self)
+    pad = rng.random(n) < 0.2
+    idx[pad, -2:], sims[pad, -2:] = -1, -np.inf
+    shuffled = rng.random(n) < 0.25
+    perm = np.argsort(rng.random((n, k)), axis=1)
+    sims[shuffled] = np.take_along_axis(sims, perm, 1)[shuffled]
+    idx[shuffled] = np.take_along_axis(idx, perm, 1)[shuffled]
+    return sims, idx, labels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("min2, max_n, chunk_rows", [(None, 50, 4096), (0.25, 5, 7), (0.0, 3, 1)])
+def test_sweep_matches_brute_force_with_ties_and_chunks(dtype, min2, max_n, chunk_rows):
+    sims, idx, labels = random_neighbours(3, dtype=dtype)
+    grid = np.arange(-2, 9) / 8  # every tie value is also a threshold, plus some between
+    # ... and just above a tie value, which float32 cannot hold: must not match it
+    thresholds = np.concatenate([grid, grid[:-1] + 1 / 16, grid + 1e-12, [0.3, 0.71, -0.05]])
+    got = threshold_sweep(
+        sims, idx, labels, thresholds, min2=min2, max_neighbours=max_n, chunk_rows=chunk_rows
+    )
+    ref = brute_force_sweep(sims, idx, labels, thresholds, min2=min2, max_n=max_n)
+    for key in ("f1", "precision", "recall"):
+        np.testing.assert_allclose(getattr(got, key), ref[key], rtol=0, atol=1e-12)
+    rows = np.arange(0, len(labels), 4)
+    sub = threshold_sweep(
+        sims[rows], idx[rows], labels, thresholds, query_ids=rows, min2=min2,
+        max_neighbours=max_n, chunk_rows=chunk_rows,
+    )  # fmt: skip
+    ref = brute_force_sweep(sims[rows], idx[rows], labels, thresholds, rows, min2, max_n)
+    np.testing.assert_allclose(sub.f1, ref["f1"], rtol=0, atol=1e-12)
+    ids = np.arange(len(labels))
+    for t in (0.375, 0.375 + 1e-12):
+        got_matches = matches_from_threshold(sims, idx, ids, t, min2, max_neighbours=max_n)
+        want = [sorted(predicted_set(sims[i], idx[i], i, t, min2, max_n)) for i in range(len(ids))]
+        assert [sorted(row) for row in got_matches] == want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threshold_counts_equal_searchsorted(dtype):
+    rng = np.random.default_rng(12)
+    finfo = np.finfo(dtype)
+    for thresholds in (
+        np.linspace(0.0, 1.0, 101),
+        np.sort(rng.uniform(-1, 1, 37)),
+        np.array([0.5]),
+        np.array([0.2, 0.2, 0.2]),
+        np.array([0.5, 0.5 + 1e-12]),
+    ):
+        sorted_thr = _ceil_to(thresholds, dtype)
+        s = rng.uniform(-1.2, 1.2, 5000).astype(dtype)
+        s[: len(sorted_thr)] = sorted_thr  # exactly on a threshold
+        s[-8:] = [-np.inf, np.inf, finfo.max, finfo.min, 0.0, -0.0, finfo.tiny, -finfo.tiny]
+        s[-9] = np.nextafter(sorted_thr[0], dtype(-np.inf))
+        s[-10] = np.nextafter(sorted_thr[-1], dtype(np.inf))
+        s = s.reshape(50, 100)
+        got = _threshold_counts(s, sorted_thr)
+        np.testing.assert_array_equal(got, np.searchsorted(sorted_thr, s.ravel(), side="right"))
+        # ... which is "how many float64 thresholds are <= s", exactly
+        wide = (s.astype(np.float64).reshape(-1, 1) >= thresholds[None, :]).sum(1)
+        np.testing.assert_array_equal(got, wide)
+
+
+def test_nan_similarity_raises():
+    _, sims, idx, labels = messy_neighbours(0)
+    sims[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_sweep(sims, idx, labels, [0.5])
 
 
 def test_min2_changes_the_answer_on_this_data():
