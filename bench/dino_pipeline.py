@@ -4,35 +4,42 @@ Both pipelines read the same synthetic images (the `conf/data/source/synthetic.y
 pixel-identical) and produce the same views: 2 global + `n_local` local crops per image.
 
   ours      `build_store` (uint8 memmap) -> `StoreDataModule.train_dataloader()` (one
-            `__getitems__` gather per batch, no per-sample work) -> `MultiCrop` on the whole
-            batch, which is what `DINOModule.training_step` runs after the transfer.
+            `__getitems__` gather per batch) with `MultiCrop` as the loader's batch transform,
+            i.e. what `DINOModule` sets up with `module.augment_in=auto` on the CPU: every
+            loader worker reads a batch of rows and augments the whole batch (main process
+            at 0 workers). On `--device cuda` ours is auto's GPU choice instead: the loader
+            yields uint8, the batch moves to the GPU and `MultiCrop` runs there.
   baseline  the same images as PNG files in an ImageFolder layout -> `ImageFolder` with the
             per-sample PIL transform of facebookresearch/dino `DataAugmentationDINO`
             (RandomResizedCrop bicubic, flip, ColorJitter p 0.8, grayscale 0.2, GaussianBlur
             p 1.0 / 0.1 / 0.5, solarize 0.2 on global 2, ToTensor + Normalize) -> default
-            collate.
+            collate (-> the device with `--device cuda`).
+  ours-step (`--with-step`) the store loader yields uint8 and `MultiCrop` runs in the main
+            process after it (the `augment_in=device` path on the CPU): only the reads are in
+            the workers, so it shows what in-loader augmentation buys.
 Kept apart on purpose: ours resamples crops bilinearly (`roi_align`), the baseline
 bicubically; ours jitters in a fixed order, torchvision's ColorJitter in a random one. The
 blur radius is scaled by crop size / 224 in both.
 
-Same batch size, same num_workers, same cores. Warm-up batches are not timed; every
-repetition times one epoch of each pipeline back to back (interleaved, so load from other
-jobs hits both alike). Read the table as: `img/s` = source images per second through the
-whole pipeline (each one becomes 2 + n_local crops), best epoch and median epoch; `x base`
-= best img/s over the baseline's best img/s at the same num_workers (> 1: ours is faster).
-`threads` is torch's intra-op thread count in the main process, where our augmentation
-runs (default 1; `--threads 1 2` adds 2). The baseline runs at 1 thread: its PIL work is
-single-threaded anyway, and DataLoader workers each use one thread. On a shared, loaded
-machine 2 intra-op threads can be many times slower than 1 (each op waits for both). On a
-GPU machine our augmentation would run on the device instead, so these CPU figures are its
-worst case.
+Same batch size, same num_workers (each worker one torch thread), same cores. Warm-up
+batches are not timed; every repetition times one epoch of each pipeline back to back
+(interleaved, so load from other jobs hits both alike). Read the table as: `img/s` = source
+images per second through the whole pipeline (each one becomes 2 + n_local crops), best
+epoch and median epoch; `x base` = best img/s over the baseline's best img/s at the same
+num_workers (> 1: ours is faster). `threads` is torch's intra-op thread count in the main
+process (default 1: on a shared machine 2 can be many times slower than 1).
+
+After the tables, `MultiCrop` alone on store batches in the main process: its time against
+the per-op functions of shared/data/augment.py composed one after the other (what MultiCrop
+ran before it was fused; both give the same views for one generator state), the cost of each
+step (best times with the steps switched on one at a time, differenced: noisy on a loaded
+machine, where a step can even come out negative) and the top torch ops.
 
 The store and the PNG folder are built once under `--root` (outside the timing) and reused.
-A short torch.profiler run of `MultiCrop` names the hot stages and ops.
 
-    python bench/dino_pipeline.py                        # module sizes 64/32/4, ~900 images
-    python bench/dino_pipeline.py --workers 0 2 --reps 3
-    python bench/dino_pipeline.py --with-dino-sizes      # add official 224/96/8 (256 px)
+    python bench/dino_pipeline.py                        # 64/32x4 and 224/96x8, workers 0 2
+    python bench/dino_pipeline.py --no-dino-sizes --workers 0 2 --reps 5
+    python bench/dino_pipeline.py --device cuda          # GPU augmentation vs CPU workers
 
 Prints tables and writes bench/results/dino_pipeline.json.
 """
@@ -43,9 +50,7 @@ import argparse
 import random
 import statistics
 import time
-from contextlib import ExitStack
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -173,8 +178,12 @@ def prepare(cfg: dict, root: Path, batch_size: int) -> tuple[StoreDataModule, Pa
     return dm, folder, info
 
 
-def loaders(dm, folder, cfg, workers, batch_size):
-    dm.num_workers = workers
+def loaders(dm, folder, cfg, workers, batch_size, args) -> list[tuple[str, DataLoader]]:
+    """(name, loader) of every pipeline at `workers` loader processes."""
+    mc = MultiCrop(cfg["global_size"], cfg["local_size"], cfg["n_local"])
+    on_gpu = args.device.type == "cuda"
+    dm.num_workers, dm.pin_memory = workers, on_gpu
+    dm.set_train_batch_transform(None if on_gpu else mc)  # augment_in=auto's choice
     ours = dm.train_dataloader()
     tf = DataAugmentationDINO(cfg["global_size"], cfg["local_size"], cfg["n_local"])
     base = DataLoader(
@@ -184,23 +193,49 @@ def loaders(dm, folder, cfg, workers, batch_size):
         drop_last=True,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=on_gpu,
     )
-    return ours, base
+    runs = [("baseline", base), ("ours", ours)]
+    if args.with_step and not on_gpu:
+        dm.set_train_batch_transform(None)
+        runs.append(("ours-step", dm.train_dataloader()))
+    dm.set_train_batch_transform(None)
+    return runs
 
 
 # ---- timing -------------------------------------------------------------------------------
-def make_steps(cfg: dict) -> dict:
+def make_steps(cfg: dict, device: torch.device) -> dict:
+    """What each pipeline does with a fetched batch; all end with the views on `device`."""
     mc = MultiCrop(cfg["global_size"], cfg["local_size"], cfg["n_local"])
-    return {"ours": lambda b: mc(b["images"]), "baseline": lambda b: b[0]}
+
+    def ours(b):
+        if "views" in b:  # augmented in the loader
+            return b["views"]
+        return mc(b["images"].to(device, non_blocking=True))
+
+    def base(b):
+        return [v.to(device, non_blocking=True) for v in b[0]]
+
+    def step(b):
+        return mc(b["images"])
+
+    return {"ours": ours, "baseline": base, "ours-step": step}
 
 
-def run_epoch(loader, step, max_batches: int | None = None) -> tuple[int, float]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_epoch(loader, step, device, max_batches: int | None = None) -> tuple[int, float]:
+    sync(device)
     n, t0 = 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         views = step(batch)
         n += views[0].shape[0]
+    sync(device)
     return n, time.perf_counter() - t0
 
 
@@ -214,14 +249,15 @@ def describe_views(views: list[torch.Tensor], n_global: int = 2) -> dict:
 
 def bench_config(cfg: dict, args) -> dict:
     dm, folder, info = prepare(cfg, args.root, args.batch_size)
-    steps = make_steps(cfg)
+    steps = make_steps(cfg, args.device)
     rows, check = [], {}
     for workers in args.workers:
-        ours, base = loaders(dm, folder, cfg, workers, args.batch_size)
-        runs = [("baseline", base, 1)] + [("ours", ours, t) for t in args.threads]
+        runs = loaders(dm, folder, cfg, workers, args.batch_size, args)
+        runs = [(n, ld, 1 if n == "baseline" else t) for n, ld in runs
+                for t in ([1] if n == "baseline" else args.threads)]  # fmt: skip
         for name, loader, threads in runs:  # warm-up: workers start, caches fill
             torch.set_num_threads(threads)
-            run_epoch(loader, steps[name], args.warmup_batches)
+            run_epoch(loader, steps[name], args.device, args.warmup_batches)
         if not check:
             check = {n: describe_views(steps[n](next(iter(ld)))) for n, ld, _ in runs[:2]}
             if (
@@ -232,18 +268,18 @@ def bench_config(cfg: dict, args) -> dict:
         times: dict[tuple, list[float]] = {(n, t): [] for n, _, t in runs}
         counts: dict[tuple, int] = {}
         bar = tqdm(
-            total=args.reps * len(runs), unit="epoch", desc=f"{cfg['name']} workers={workers}"
+            total=cfg["reps"] * len(runs), unit="epoch", desc=f"{cfg['name']} workers={workers}"
         )
-        for _ in range(args.reps):
+        for _ in range(cfg["reps"]):
             for name, loader, threads in runs:
                 torch.set_num_threads(threads)
-                n, dt = run_epoch(loader, steps[name])
+                n, dt = run_epoch(loader, steps[name], args.device)
                 times[(name, threads)].append(dt)
                 counts[(name, threads)] = n
                 bar.set_postfix_str(f"{name}@{threads}t {n / dt:.0f} img/s")
                 bar.update()
         bar.close()
-        best_base = counts[runs[0][0], runs[0][2]] / min(times[runs[0][0], runs[0][2]])
+        best_base = counts["baseline", 1] / min(times["baseline", 1])
         for name, _, threads in runs:
             ts, n = times[(name, threads)], counts[(name, threads)]
             rows.append(
@@ -259,59 +295,97 @@ def bench_config(cfg: dict, args) -> dict:
                     "ratio_vs_baseline": round(n / min(ts) / best_base, 2),
                 }
             )
-        del runs, loader, ours, base  # stop the persistent workers before the next setting
+        del runs, loader  # stop the persistent workers before the next setting
     profile = profile_multicrop(dm, cfg, args) if args.profile_batches else None
     return {"config": cfg, "data": info, "view_check": check, "rows": rows, "profile": profile}
 
 
-# ---- profile ------------------------------------------------------------------------------
-STAGES = ("to_float", "random_resized_crop", "random_hflip", "color_jitter",
-          "random_grayscale", "gaussian_blur", "random_solarize", "normalize")  # fmt: skip
+# ---- MultiCrop alone ----------------------------------------------------------------------
+def per_op_views(mc: MultiCrop, images: torch.Tensor) -> list[torch.Tensor]:
+    """The per-op functions composed one after the other (MultiCrop before it was fused)."""
+    x = augment.to_float(images)
+    out = []
+    for r in mc.views:
+        y = augment.random_resized_crop(x, r.size, r.scale)
+        y = augment.random_hflip(y, mc.flip_p)
+        y = augment.color_jitter(y, *mc.jitter, p=mc.jitter_p)
+        y = augment.random_grayscale(y, mc.grayscale_p)
+        y = augment.gaussian_blur(y, r.blur_p)
+        y = augment.random_solarize(y, r.solarize_p)
+        out.append(augment.normalize(y, mc.mean, mc.std))
+    return out
 
 
-def _labelled(name, fn):
-    def wrapper(*a, **kw):
-        with torch.profiler.record_function(f"stage::{name}"):
-            return fn(*a, **kw)
+# Steps switched on one at a time; each row's time minus the previous row's is that step.
+STAGES = [
+    ("crop + normalize", dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0,) * 3,
+                              solarize_p=0.0)),
+    ("+ flip", dict(jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0,) * 3, solarize_p=0.0)),
+    ("+ colour jitter", dict(grayscale_p=0.0, blur_p=(0.0,) * 3, solarize_p=0.0)),
+    ("+ grayscale", dict(blur_p=(0.0,) * 3, solarize_p=0.0)),
+    ("+ blur", dict(solarize_p=0.0)),
+    ("+ solarize (all)", {}),
+]  # fmt: skip
 
-    return wrapper
+
+def best_time(fn, batches, device, reps: int) -> list[float]:
+    ts = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        for x in batches:
+            fn(x)
+        sync(device)
+        ts.append((time.perf_counter() - t0) / len(batches))
+    return ts
 
 
 def profile_multicrop(dm, cfg, args) -> dict:
-    """torch.profiler over `MultiCrop` on real batches: time per stage and per op."""
+    """MultiCrop on real store batches: vs the per-op composition, per step, top ops."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads[0])
-    mc = MultiCrop(cfg["global_size"], cfg["local_size"], cfg["n_local"])
+    sizes = (cfg["global_size"], cfg["local_size"], cfg["n_local"])
+    mc = MultiCrop(*sizes)
     dm.num_workers = 0
-    batches = [b["images"] for _, b in zip(range(args.profile_batches),
-                                            dm.train_dataloader())]  # fmt: skip
-    mc(batches[0])
-    with ExitStack() as stack:  # MultiCrop looks these up in the module at call time
-        for s in STAGES:
-            stack.enter_context(mock.patch.object(augment, s, _labelled(s, getattr(augment, s))))
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for x in batches:
-                mc(x)
+    batches = [b["images"].to(args.device) for _, b in zip(range(args.profile_batches),
+                                                            dm.train_dataloader())]  # fmt: skip
+    fns = {"per-op": lambda x: per_op_views(mc, x), "MultiCrop": mc}
+    fns.update({name: MultiCrop(*sizes, **kw) for name, kw in STAGES})
+    for fn in fns.values():
+        fn(batches[0])
+    times = {k: [] for k in fns}
+    for _ in tqdm(range(args.profile_reps), desc=f"{cfg['name']} MultiCrop", unit="rep"):
+        for k, fn in fns.items():  # interleaved
+            times[k] += best_time(fn, batches, args.device, 1)
+    best = {k: min(v) * 1e3 for k, v in times.items()}
+    stages, prev = [], 0.0
+    for name, _ in STAGES:
+        stages.append({"step": name, "ms_per_batch": round(best[name], 1),
+                       "step_ms": round(best[name] - prev, 1)})  # fmt: skip
+        prev = best[name]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type ==
+                                           "cuda" else [])  # fmt: skip
+    with profile(activities=activities) as prof:
+        for x in batches:
+            mc(x)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    stages = sorted(([e.key.removeprefix("stage::"), e.cpu_time_total / 1e3, e.count]
-                     for e in events if e.key.startswith("stage::")),
-                    key=lambda r: -r[1])  # fmt: skip
-    ops = sorted(([e.key, e.self_cpu_time_total / 1e3, e.count] for e in events
-                  if not e.key.startswith("stage::")), key=lambda r: -r[1])  # fmt: skip
-    fmt = [{"name": n, "ms": round(ms, 1), "pct": round(100 * ms * 1e3 / total, 1),
-            "calls": c} for n, ms, c in ops[:12]]  # fmt: skip
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in events),
+                 key=lambda r: -r[1])  # fmt: skip
     return {
         "threads": args.threads[0],
         "batches": len(batches),
         "batch_size": args.batch_size,
-        "total_self_cpu_ms": round(total / 1e3, 1),
-        "stages": [
+        "per_op_ms_per_batch": round(best["per-op"], 1),
+        "multicrop_ms_per_batch": round(best["MultiCrop"], 1),
+        "multicrop_images_per_s": round(args.batch_size / best["MultiCrop"] * 1e3, 1),
+        "speedup_vs_per_op": round(best["per-op"] / best["MultiCrop"], 2),
+        "stages": stages,
+        "top_ops": [
             {"name": n, "ms": round(ms, 1), "pct": round(100 * ms * 1e3 / total, 1), "calls": c}
-            for n, ms, c in stages
+            for n, ms, c in ops[:10]
         ],
-        "top_ops": fmt,
     }
 
 
@@ -342,10 +416,13 @@ def print_report(res: dict) -> None:
     p = res["profile"]
     if p:
         print(
-            f"  MultiCrop profile ({p['batches']} batches, {p['threads']} thread(s), "
-            f"{p['total_self_cpu_ms']:.0f} ms self CPU)"
+            f"  MultiCrop alone ({p['threads']} thread(s), batch {p['batch_size']}): "
+            f"{p['multicrop_ms_per_batch']:.0f} ms/batch ({p['multicrop_images_per_s']:.0f} "
+            f"img/s), per-op composition {p['per_op_ms_per_batch']:.0f} ms/batch: "
+            f"{p['speedup_vs_per_op']:.2f}x"
         )
-        print("    stages: " + ", ".join(f"{s['name']} {s['pct']:.0f}%" for s in p["stages"]))
+        print("    steps (ms/batch): " + ", ".join(f"{s['step']} {s['step_ms']:.0f}"
+                                                    for s in p["stages"]))  # fmt: skip
         print("    top ops: " + ", ".join(f"{o['name']} {o['pct']:.0f}%"
                                           for o in p["top_ops"][:8]))  # fmt: skip
 
@@ -362,17 +439,20 @@ def main() -> None:
     ap.add_argument("--global-size", type=int, default=64, help="module config multicrop")
     ap.add_argument("--local-size", type=int, default=32)
     ap.add_argument("--n-local", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=2, help="timed epochs per pipeline (best-of)")
     ap.add_argument(
-        "--with-dino-sizes",
-        action="store_true",
+        "--dino-sizes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also run the official sizes 224/96x8 from 256 px images",
     )
     ap.add_argument(
         "--dino-families",
         type=int,
-        default=8,
-        help="families for the official-size run (8 = 182 images)",
+        default=12,
+        help="families for the official-size run (12 = 287 images, 4 batches of 64)",
     )
+    ap.add_argument("--dino-reps", type=int, default=2, help="timed epochs at 224/96x8")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument(
@@ -380,11 +460,17 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[1],
-        help="torch intra-op threads for ours, e.g. 1 2 (the baseline always runs at 1)",
+        help="torch intra-op threads for ours in the main process, e.g. 1 2 (baseline: 1)",
     )
-    ap.add_argument("--reps", type=int, default=3, help="timed epochs per pipeline (best-of)")
-    ap.add_argument("--warmup-batches", type=int, default=3)
-    ap.add_argument("--profile-batches", type=int, default=4, help="0 turns profiling off")
+    ap.add_argument(
+        "--with-step", action="store_true", help="add ours-step (augmenting after the loader)"
+    )
+    ap.add_argument("--warmup-batches", type=int, default=2)
+    ap.add_argument(
+        "--profile-batches", type=int, default=2, help="MultiCrop-alone batches; 0: skip"
+    )
+    ap.add_argument("--profile-reps", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda if available)")
     ap.add_argument(
         "--root",
         type=Path,
@@ -393,11 +479,17 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
 
-    configs = [(args.image_size, args.families, args.global_size, args.local_size, args.n_local)]
-    if args.with_dino_sizes:
-        configs.append((256, args.dino_families, 224, 96, 8))
-    keys = ("image_size", "families", "global_size", "local_size", "n_local")
+    configs = [
+        (args.image_size, args.families, args.global_size, args.local_size, args.n_local,
+         args.reps)
+    ]  # fmt: skip
+    if args.dino_sizes:
+        configs.append((256, args.dino_families, 224, 96, 8, args.dino_reps))
+    keys = ("image_size", "families", "global_size", "local_size", "n_local", "reps")
     configs = [{"name": f"{c[2]}/{c[3]}x{c[4]}", **dict(zip(keys, c))} for c in configs]
     random.seed(0)  # the baseline's PIL transforms draw from `random`, ours from torch
     torch.manual_seed(0)
@@ -410,6 +502,7 @@ def main() -> None:
         print_report(res)
     elapsed = time.perf_counter() - t_start
     print(f"\ntotal {elapsed:.0f} s")
+    args.device = str(args.device)
     write_results(args, elapsed, {"runs": results})
 
 

@@ -2,7 +2,9 @@
 
 Batches are dicts `{"images": uint8 [B,3,S,S], "labels": int64 [B], "index": int64 [B]}`
 where `index` is the store row, so evaluators can de-duplicate what DDP samplers pad.
-Augmentation is the LightningModule's job, on the device, after transfer.
+Augmentation is the LightningModule's: on the device after transfer, or, when the module
+hands its batch transform over (`set_train_batch_transform`), inside the train loader, so
+`num_workers` processes augment whole batches in parallel (`images` becomes `views`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ class StoreDataset(Dataset):
 
 def _as_batch(batch):
     return batch
+
+
+class TransformBatch:
+    """Train-loader collate: replaces a batch's uint8 `images` by `views = transform(images)`.
+
+    Runs where the batch is fetched, so in each loader worker (each with one torch thread)
+    or in the main process at `num_workers=0`.
+    """
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        batch = dict(batch)
+        batch["views"] = self.transform(batch.pop("images"))
+        return batch
 
 
 def split_indices(
@@ -109,6 +127,14 @@ class StoreDataModule(LightningDataModule):
         self.store_name, self.store_path = store_name, store_path
         self.store: ImageStore | None = None
         self.train_indices = self.val_indices = None
+        self.train_batch_transform = None
+
+    def set_train_batch_transform(self, transform) -> None:
+        """Augment train batches inside the loader with `transform(uint8 images)`; None: don't.
+
+        Set by the LightningModule before the train loader is built (its `setup`).
+        """
+        self.train_batch_transform = transform
 
     def _build(self) -> ImageStore:
         return build_store(
@@ -140,7 +166,9 @@ class StoreDataModule(LightningDataModule):
         labels = self.store.labels[torch.as_tensor(self.train_indices)]
         return torch.bincount(labels, minlength=self.num_classes).tolist()
 
-    def _loader(self, indices, shuffle: bool, batch_size: int, drop_last: bool) -> DataLoader:
+    def _loader(
+        self, indices, shuffle: bool, batch_size: int, drop_last: bool, transform=None
+    ) -> DataLoader:
         if len(indices) == 0:
             raise ValueError("cannot build a dataloader over an empty split")
         return DataLoader(
@@ -149,13 +177,15 @@ class StoreDataModule(LightningDataModule):
             shuffle=shuffle,
             drop_last=drop_last and len(indices) >= batch_size,
             num_workers=self.num_workers,
-            collate_fn=_as_batch,
+            collate_fn=_as_batch if transform is None else TransformBatch(transform),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_indices, True, self.batch_size, self.drop_last)
+        return self._loader(
+            self.train_indices, True, self.batch_size, self.drop_last, self.train_batch_transform
+        )
 
     def bank_dataloader(self) -> DataLoader:
         return self._loader(self.train_indices, False, self.eval_batch_size, False)

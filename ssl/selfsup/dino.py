@@ -85,6 +85,27 @@ def dino_loss(
     return cross[keep].mean()
 
 
+@torch.no_grad()
+def clip_grad_per_parameter_(params, max_norm: float) -> None:
+    """Scale each gradient to norm <= max_norm on its own (official DINO `clip_gradients`).
+
+    Same values as a loop of `grad.mul_(min(max_norm / (norm + 1e-6), 1))`, in a few fused
+    calls instead of several small ops per parameter.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads))
+        scale = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(grads, list(scale.unbind()))
+
+
+@torch.no_grad()
+def ema_update_(teacher, student, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, over matching parameter lists."""
+    torch._foreach_mul_(teacher, momentum)
+    torch._foreach_add_(teacher, student, alpha=1 - momentum)
+
+
 class DINOLoss(nn.Module):
     """`dino_loss` plus the teacher centre (a buffer, EMA of the global batch mean)."""
 
@@ -112,8 +133,18 @@ class DINOLoss(nn.Module):
         self.center.mul_(m).add_(batch_sum / count, alpha=1 - m)
 
 
+# Where the multi-crop augmentation runs: in the train loader (its workers augment whole
+# batches in parallel), on the device in `training_step`, or auto: loader on the CPU, device
+# on accelerators (uint8 crosses the bus, the GPU augments).
+AUGMENT_IN = ("auto", "loader", "device")
+
+
 class DINOModule(EmbeddingModule):
-    """Student and EMA teacher (backbone + DINOHead); `embed()` is the teacher backbone."""
+    """Student and EMA teacher (backbone + DINOHead); `embed()` is the teacher backbone.
+
+    Training batches hold either uint8 `images` (augmented here) or ready `views` (augmented
+    by the data module's loader, see `augment_in`).
+    """
 
     def __init__(
         self,
@@ -141,8 +172,11 @@ class DINOModule(EmbeddingModule):
         student_drop_path: float = 0.1,
         multicrop: dict | None = None,
         eval_size: int | None = None,
+        augment_in: str = "auto",
     ) -> None:
         super().__init__()
+        if augment_in not in AUGMENT_IN:
+            raise ValueError(f"module.augment_in must be one of {AUGMENT_IN}, got {augment_in!r}")
         self.save_hyperparameters()
         backbone = dict(backbone)
         backbone.pop("drop_path_rate", None)
@@ -165,6 +199,7 @@ class DINOModule(EmbeddingModule):
         self.multicrop = MultiCrop(**(multicrop or {}))
         self.eval_transform = EvalTransform(eval_size)
         self._schedules: dict | None = None
+        self._param_lists: dict | None = None
 
     # ---- evaluation interface -------------------------------------------------------------
     @torch.no_grad()
@@ -185,28 +220,54 @@ class DINOModule(EmbeddingModule):
             teacher = self.teacher_head(self.teacher_backbone(globals_))
         return student, teacher
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            dm = self.trainer.datamodule
+            hook = getattr(dm, "set_train_batch_transform", None)
+            mode = self.hparams.augment_in
+            if mode == "auto":
+                on_cpu = self.trainer.strategy.root_device.type == "cpu"
+                mode = "loader" if on_cpu and hook is not None else "device"
+            if mode == "loader" and hook is None:
+                raise ValueError(
+                    "module.augment_in=loader needs a data module with set_train_batch_transform"
+                    f" (StoreDataModule), got {type(dm).__name__}"
+                )
+            if hook is not None:
+                hook(self.multicrop if mode == "loader" else None)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":  # hand the loader back its plain uint8 batches
+            hook = getattr(self.trainer.datamodule, "set_train_batch_transform", None)
+            if hook is not None:
+                hook(None)
+
     def training_step(self, batch, batch_idx):
-        views = self.multicrop(batch["images"])
+        views = batch["views"] if "views" in batch else self.multicrop(batch["images"])
+        n = views[0].shape[0]
         student, teacher = self.forward_views(views)
         temp = at(self._schedules["teacher_temp"], self.current_epoch)
         loss = self.criterion(student, teacher, len(views), self.hparams.student_temp, temp)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {self.global_step}")
         step = self.global_step
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/lr": at(self._schedules["lr"], step),
-                "train/wd": at(self._schedules["wd"], step),
-                "train/momentum": at(self._schedules["momentum"], step),
-                "train/teacher_temp": temp,
-            },
-            prog_bar=False,
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch["images"].shape[0],
-        )
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch["images"].shape[0])
+        # Every self.log costs Lightning bookkeeping, so only what is shown or written: the
+        # progress-bar loss when there is a bar, the schedules on the steps loggers write.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=n)
+        if self.trainer.progress_bar_callback is not None:
+            self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)
+        if self.loggers_write_this_step():
+            self.log_dict(
+                {
+                    "train/lr": at(self._schedules["lr"], step),
+                    "train/wd": at(self._schedules["wd"], step),
+                    "train/momentum": at(self._schedules["momentum"], step),
+                    "train/teacher_temp": temp,
+                },
+                on_step=True,
+                on_epoch=False,
+                batch_size=n,
+            )
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -220,23 +281,29 @@ class DINOModule(EmbeddingModule):
         # Runs after AMP unscaling: clip each parameter's gradient norm on its own (official
         # DINO clips per parameter, not one global norm), then drop the last layer's grads
         # during the first epoch(s), which stabilises early training.
-        clip = self.hparams.clip_grad
-        if clip:
-            params = [p for p in self.student_parameters() if p.grad is not None]
-            norms = torch._foreach_norm([p.grad for p in params])
-            for p, n in zip(params, norms):
-                p.grad.mul_((clip / (n + 1e-6)).clamp(max=1.0))
+        if self.hparams.clip_grad:
+            clip_grad_per_parameter_(self._train_params()["student"], self.hparams.clip_grad)
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
             for p in self.student_head.last_layer.parameters():
                 p.grad = None
 
-    @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx):
         m = at(self._schedules["momentum"], self.global_step - 1)
-        student = [*self.student_backbone.parameters(), *self.student_head.parameters()]
-        teacher = [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, [p.detach() for p in student], alpha=1 - m)
+        params = self._train_params()
+        ema_update_(params["teacher"], params["student"], m)
+
+    def on_train_start(self) -> None:
+        self._param_lists = None  # rebuilt at the first step, with the module in place
+
+    def _train_params(self) -> dict:
+        """Student and teacher parameter lists for the per-step clip and EMA, walked once per
+        fit rather than every step (a timm backbone has hundreds of submodules)."""
+        if self._param_lists is None:
+            self._param_lists = {
+                "student": self.student_parameters(),
+                "teacher": [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()],
+            }
+        return self._param_lists
 
     def student_parameters(self):
         return [*self.student_backbone.parameters(), *self.student_head.parameters()]

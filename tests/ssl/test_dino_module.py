@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from selfsup.dino import DINOModule
+from selfsup.dino import DINOModule, clip_grad_per_parameter_
 from shared.data.datamodule import StoreDataModule
 from shared.data.sources import SyntheticSource
 
@@ -122,3 +122,121 @@ def test_teacher_is_a_copy_not_a_reference():
     drop = [m for m in module.student_backbone.modules() if "DropPath" in type(m).__name__]
     teacher_drop = [m for m in module.teacher_backbone.modules() if "DropPath" in type(m).__name__]
     assert drop and not teacher_drop  # drop path on the student only
+
+
+class BatchKeys(L.Callback):
+    def __init__(self):
+        self.keys, self.shapes = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.keys.append(set(batch))
+        if "views" in batch:
+            self.shapes.append([tuple(v.shape) for v in batch["views"]])
+
+
+def _fit_one_batch(module, tmp_path, **trainer_kwargs):
+    probe = BatchKeys()
+    dm = tiny_datamodule(tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        callbacks=[probe],
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=dm)
+    return probe, dm
+
+
+@pytest.mark.parametrize("augment_in", ["auto", "loader", "device"])
+def test_augment_in_routes_multicrop(tmp_path, augment_in):
+    """auto on the CPU and loader: the loader hands over ready views; device: uint8 images."""
+    module = DINOModule(
+        backbone={"name": "test_resnet"},
+        out_dim=32,
+        hidden_dim=16,
+        bottleneck_dim=8,
+        multicrop=SMALL_CROPS,
+        augment_in=augment_in,
+    )
+    probe, dm = _fit_one_batch(module, tmp_path)
+    if augment_in == "device":
+        assert probe.keys == [{"images", "labels", "index"}]
+    else:
+        assert probe.keys == [{"views", "labels", "index"}]
+        assert probe.shapes == [[(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2]
+    assert dm.train_batch_transform is None  # handed back after fit
+
+
+def test_augment_in_checks(tmp_path):
+    with pytest.raises(ValueError, match="module.augment_in"):
+        DINOModule(backbone={"name": "test_resnet"}, augment_in="workers")
+    module = DINOModule(
+        backbone={"name": "test_resnet"},
+        out_dim=32,
+        hidden_dim=16,
+        bottleneck_dim=8,
+        multicrop=SMALL_CROPS,
+        augment_in="loader",
+    )
+    dm = tiny_datamodule(tmp_path)
+    dm.setup()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, logger=False, accelerator="cpu")
+    with pytest.raises(ValueError, match="augment_in=loader needs a data module"):
+        trainer.fit(module, train_dataloaders=dm.train_dataloader())
+
+
+def test_clip_grad_per_parameter_matches_the_loop():
+    """The fused clip gives exactly the per-parameter loop of the official code."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(3, 4), (5,), (2, 2, 2), (7,)]]
+    grads = [torch.randn(p.shape, generator=g) * s for p, s in zip(params, [5.0, 0.01, 2.0, 1.0])]
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no grad: skipped
+    clip_grad_per_parameter_(params, 1.5)
+    for p, gr in zip(params, grads):
+        expected = gr * (1.5 / (gr.norm() + 1e-6)).clamp(max=1.0)
+        assert torch.equal(p.grad, expected)
+    assert params[-1].grad is None
+    assert params[1].grad.norm() < 1.5 and abs(params[0].grad.norm() - 1.5) < 1e-5
+
+
+def test_logged_rows_keep_every_training_value(tmp_path):
+    """Schedules are logged only on the steps the loggers write; every written row still
+    holds the loss and all four schedule values, at the step's schedule position."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = DINOModule(
+        backbone={"name": "test_resnet"},
+        out_dim=32,
+        hidden_dim=16,
+        bottleneck_dim=8,
+        multicrop=SMALL_CROPS,
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path / "csv", name="run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=tiny_datamodule(tmp_path))
+    with open(next((tmp_path / "csv").rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]  # steps 2, 4, 6 (log_every_n_steps=2)
+    for r in rows:
+        step = int(r["step"])
+        for key in ("lr", "wd", "momentum"):
+            expected = float(module._schedules[key][step])
+            assert abs(float(r[f"train/{key}"]) - expected) <= 1e-6 * max(1.0, abs(expected))
+        assert float(r["train/teacher_temp"]) > 0

@@ -244,3 +244,109 @@ def test_train_transform_shapes_and_range():
     assert y.shape == (4, 3, 16, 16)
     d = _denorm(y)
     assert d.min() >= -1e-5 and d.max() <= 1 + 1e-5
+
+
+# --- MultiCrop's fused views against the per-op functions ---------------------------------
+
+
+def _per_op_view(mc: A.MultiCrop, x: torch.Tensor, r: A.ViewRecipe, g) -> torch.Tensor:
+    """One view by the public per-op functions in turn (each tested above against
+    torchvision): the reference for MultiCrop's chunked, in-place path."""
+    y = A.random_resized_crop(x, r.size, r.scale, generator=g)
+    y = A.random_hflip(y, mc.flip_p, g)
+    y = A.color_jitter(y, *mc.jitter, p=mc.jitter_p, generator=g)
+    y = A.random_grayscale(y, mc.grayscale_p, g)
+    y = A.gaussian_blur(y, r.blur_p, generator=g)
+    y = A.random_solarize(y, r.solarize_p, generator=g)
+    return A.normalize(y, mc.mean, mc.std)
+
+
+@pytest.mark.parametrize(
+    "sizes, kwargs",
+    [
+        ((40, 24, 16, 3), {}),  # official recipe; crops shrink (2 samples) and enlarge
+        ((40, 48, 20, 2), dict(jitter=(0.4, 0.4, 0.2, 0.0), grayscale_p=0.0)),  # repo config
+        ((32, 32, 12, 2), dict(flip_p=1.0, jitter_p=1.0, grayscale_p=1.0, blur_p=(1.0,) * 3,
+                               solarize_p=1.0)),  # every step on every image
+        ((32, 16, 8, 1), dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0,) * 3,
+                              solarize_p=0.0)),  # crop and normalise only
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("chunk_floats", [None, 3000])  # one chunk / a chunk per 1-2 images
+def test_multicrop_equals_the_per_op_functions(monkeypatch, sizes, kwargs, chunk_floats):
+    """Same generator state -> the same views as the per-op composition, to float rounding:
+    the fused path changes how the views are computed, not what is drawn."""
+    if chunk_floats:
+        monkeypatch.setattr(A, "_CPU_CHUNK_FLOATS", chunk_floats)
+    stored, global_size, local_size, n_local = sizes
+    images = (_rand(7, 3, stored, stored, seed=11) * 255).to(torch.uint8)
+    mc = A.MultiCrop(global_size, local_size, n_local, **kwargs)
+    views = mc(images, generator=_gen(5))
+    g, x = _gen(5), A.to_float(images)
+    ref = [_per_op_view(mc, x, r, g) for r in mc.views]
+    assert len(views) == len(ref) == 2 + n_local
+    for v, r in zip(views, ref):
+        assert v.shape == r.shape and v.dtype == torch.float32
+        torch.testing.assert_close(v, r, atol=2e-5, rtol=0)
+    # the global RNG is drawn from in the same order too (what the loader workers use)
+    torch.manual_seed(3)
+    a = mc(images)
+    torch.manual_seed(3)
+    b = [_per_op_view(mc, x, r, None) for r in mc.views]
+    for v, r in zip(a, b):
+        torch.testing.assert_close(v, r, atol=2e-5, rtol=0)
+
+
+def test_multicrop_views_differ_per_image_and_per_view():
+    images = (_rand(1, 3, 32, 32, seed=2) * 255).to(torch.uint8).expand(4, -1, -1, -1)
+    views = A.MultiCrop(24, 12, 2)(images.contiguous(), generator=_gen(8))
+    for v in views:  # one source image, four different augmentations
+        flat = v.flatten(1)
+        assert torch.cdist(flat, flat)[~torch.eye(4, dtype=torch.bool)].min() > 1e-3
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[2], views[3])
+
+
+@pytest.mark.parametrize("size", [7, 16, 24, 50])  # 3 samples per pixel ... enlarging 2x
+def test_separable_crop_equals_roi_align(size):
+    """The two-pass crop MultiCrop uses gives roi_align's values (aligned, adaptive sampling),
+    for boxes from tiny to the whole image, at the borders, mirrored when flipped."""
+    from torchvision.ops import roi_align
+
+    h, w = 26, 30
+    x = _rand(40, 3, h, w, seed=4)
+    boxes = A.random_resized_crop_boxes(36, h, w, (0.02, 1.0), generator=_gen(9))
+    edges = torch.tensor([[0.0, 0.0, w, h], [0.0, 0.0, 1.5, 2.0], [w - 3.3, h - 1.7, w, h],
+                          [2.25, 0.0, 9.0, h]])  # fmt: skip
+    boxes = torch.cat([boxes, edges])
+    flip = torch.rand(40, generator=_gen(10)) < 0.5
+    rois = torch.cat([torch.arange(40.0)[:, None], boxes], 1)
+    ref = roi_align(x, rois, (size, size), 1.0, 0, True)
+    ref = torch.where(flip.view(-1, 1, 1, 1), ref.flip(-1), ref)
+    got = A._crop_separable(x.transpose(2, 3).contiguous(), boxes, size, flip)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+
+
+class _MultiCropInWorker(torch.utils.data.Dataset):
+    """Item i: MultiCrop views of a fixed batch from seed i, and whether they were made in
+    shared memory (so the worker hands them over without a copy)."""
+
+    def __init__(self, images):
+        self.images, self.mc = images, A.MultiCrop(24, 12, 2)
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        views = self.mc(self.images, generator=_gen(i))
+        return views, [v.is_shared() for v in views]
+
+
+def test_multicrop_in_a_loader_worker():
+    images = (_rand(3, 3, 32, 32, seed=6) * 255).to(torch.uint8)
+    data = _MultiCropInWorker(images)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=1)
+    for i, (views, shared) in enumerate(loader):
+        assert all(shared)
+        for v, ref in zip(views, data.mc(images, generator=_gen(i))):
+            assert torch.equal(v, ref)
+    assert not any(v.is_shared() for v in data.mc(images))  # main process: plain memory

@@ -174,3 +174,31 @@ def test_small_split_keeps_its_only_batch(tmp_path):
     dm.setup()
     batches = list(dm.train_dataloader())
     assert len(batches) == 1 and len(batches[0]["index"]) == len(dm.train_indices)
+
+
+class RowsAsViews:
+    """A deterministic stand-in for MultiCrop: two 'views' that still show each image's row."""
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        assert images.dtype == torch.uint8
+        return [images.float(), images[:, :, :2, :2].float() + 0.5]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_batch_transform_runs_in_the_loader(dm, workers):
+    """With a batch transform set, every train batch arrives as `views` made from exactly its
+    store rows (in the workers when there are some); eval loaders keep uint8 images."""
+    dm.num_workers = workers
+    dm.set_train_batch_transform(RowsAsViews())
+    batches = list(dm.train_dataloader())
+    assert len(batches) == len(dm.train_indices) // 5
+    for b in batches:
+        assert set(b) == {"views", "labels", "index"}
+        full, small = b["views"]
+        expect = dm.store.images[b["index"]].float()
+        assert torch.equal(full, expect) and torch.equal(small, expect[:, :, :2, :2] + 0.5)
+        assert torch.equal(b["labels"], dm.store.labels[b["index"]])
+    for b in dm.val_dataloader()[0]:
+        _check_batch(dm, b)
+    dm.set_train_batch_transform(None)
+    _check_batch(dm, next(iter(dm.train_dataloader())))
