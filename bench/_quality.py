@@ -11,10 +11,13 @@ those weights and those batches, and the `identity` record says what was checked
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import os
 import statistics
+import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -251,6 +254,59 @@ def method_record(history: list[dict], keys: list[str], select: str, **extra) ->
 def same_untrained(a: dict, b: dict, keys: list[str], tol: float = 1e-6) -> bool:
     """Both networks scored alike before training (Lightning logs float32: tolerance)."""
     return all(abs(a["init"][k] - b["init"][k]) <= tol for k in keys)
+
+
+def paired_records(seed: int, cfg, probe, ours_s: float, peer: dict, keys, select: str):
+    """(ours, peer, identity) records of one seed: both methods' evaluations and the checks
+    that the peer's loop saw what ours saw (store, split, pixels, first batch, steps, the
+    same untrained scores)."""
+    ours = method_record(probe.history, keys, select, seed=seed, time_s=round(ours_s, 1),
+                         test={k: probe.test.get(k) for k in keys})  # fmt: skip
+    theirs = method_record(peer["history"], keys, select, seed=seed, time_s=peer["time_s"],
+                           loss_first_last=peer["loss_first_last"])  # fmt: skip
+    identity = {
+        "seed": seed,
+        "same_store_split_and_pixels": probe.data == peer["data"],
+        "same_first_batch_pixels": probe.first_batch_digest == peer["first_batch_digest"],
+        "same_steps": sum(map(len, probe.batches)) == peer["steps"],
+        "same_untrained_eval": same_untrained(ours, theirs, keys),
+        "init_identical_by_seed": peer["init_identical_by_seed"],
+        "eval_every_n_epochs": int(cfg.trainer.check_val_every_n_epoch),
+        "store": probe.data.get("store"),
+    }
+    return ours, theirs, identity
+
+
+def base_parser(doc: str, out_name: str, root_help: str) -> argparse.ArgumentParser:
+    """The flags both quality scripts take: seeds, epochs, threads, data root, output."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=16, help="the budget (conf: 16)")
+    ap.add_argument("--threads", type=int, default=default_threads(),
+                    help="torch intra-op threads (default OMP_NUM_THREADS, else 1)")  # fmt: skip
+    ap.add_argument("--root", type=Path, default=REPO / "data", help=root_help)
+    ap.add_argument("--out", type=Path, default=RESULTS / out_name)
+    return ap
+
+
+def run_seeds(args, run_seed, peer: str, key: str) -> tuple[dict, float]:
+    """Every seed of `args.seeds` through `run_seed(seed, args, tmp)`, in a temporary folder;
+    returns {"ours": [...], peer: [...], "identity": [...]} and the seconds taken."""
+    set_threads(args.threads)
+    quiet_lightning()
+    t_start = time.perf_counter()
+    results = {"ours": [], peer: [], "identity": []}
+    with tempfile.TemporaryDirectory(prefix=f"quality_{peer}_") as tmp:
+        for seed in tqdm(args.seeds, desc="seeds", unit="seed"):
+            records = run_seed(seed, args, Path(tmp))
+            for name, value in zip(results, records):
+                results[name].append(value)
+            ours, theirs = records[0], records[1]
+            tqdm.write(
+                f"seed {seed}: {key} ours {ours['final'][key]:.4f}, {peer} "
+                f"{theirs['final'][key]:.4f}, untrained {ours['init'][key]:.4f}"
+            )
+    return results, time.perf_counter() - t_start
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

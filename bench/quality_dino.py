@@ -63,8 +63,6 @@ per-image PIL views are cheap at 64/32 px); so the default 3 seeds take about 70
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,21 +71,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from _quality import (
-    REPO,
-    RESULTS,
+    base_parser,
     compose,
-    default_threads,
     digest,
     embed_loader,
     eval_every,
     evaluate_with,
-    method_record,
-    quiet_lightning,
+    paired_records,
     report,
     run_ours,
     run_overrides,
-    same_untrained,
-    set_threads,
+    run_seeds,
     split_digests,
     states_equal,
 )
@@ -305,40 +299,13 @@ def run_seed(seed: int, args, tmp: Path) -> tuple[dict, dict, dict]:
         overrides.append(f"data.source.num_families={args.families}")
     cfg = compose("ssl", overrides, tmp / f"ours-{seed}", args.root)
     probe, ours_s = run_ours(cfg)
-    peer = run_lightly(cfg, probe)
-    ours = method_record(
-        probe.history,
-        KEYS,
-        "knn_top1@20",
-        seed=seed,
-        time_s=round(ours_s, 1),
-        test={k: probe.test.get(k) for k in KEYS},
-    )
-    theirs = method_record(
-        peer["history"],
-        KEYS,
-        "knn_top1@20",
-        seed=seed,
-        time_s=peer["time_s"],
-        loss_first_last=peer["loss_first_last"],
-    )
-    identity = {
-        "seed": seed,
-        "same_store_split_and_pixels": probe.data == peer["data"],
-        "same_first_batch_pixels": probe.first_batch_digest == peer["first_batch_digest"],
-        "same_steps": sum(map(len, probe.batches)) == peer["steps"],
-        "same_untrained_knn": same_untrained(ours, theirs, KEYS),
-        "init_identical_by_seed": peer["init_identical_by_seed"],
-        "eval_every_n_epochs": int(cfg.trainer.check_val_every_n_epoch),
-        "store": probe.data.get("store"),
-    }
-    return ours, theirs, identity
+    return paired_records(seed, cfg, probe, ours_s, run_lightly(cfg, probe), KEYS, "knn_top1@20")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=16, help="the budget (conf: 16)")
+    ap = base_parser(
+        __doc__, "quality_dino.json", "data dir (stores are built once, reused by key)"
+    )
     ap.add_argument(
         "--families",
         type=int,
@@ -350,37 +317,10 @@ def main() -> None:
         action="store_true",
         help="smoke run: 1 seed, 1 epoch, 8 families (under 2 minutes)",
     )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=default_threads(),
-        help="torch intra-op threads (default OMP_NUM_THREADS, else 1)",
-    )
-    ap.add_argument(
-        "--root",
-        type=Path,
-        default=REPO / "data",
-        help="data dir (stores are built once and reused by key)",
-    )
-    ap.add_argument("--out", type=Path, default=RESULTS / "quality_dino.json")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.families = QUICK["seeds"], QUICK["epochs"], QUICK["families"]
-    set_threads(args.threads)
-    quiet_lightning()
-
-    t_start = time.perf_counter()
-    results = {"ours": [], "lightly": [], "identity": []}
-    with tempfile.TemporaryDirectory(prefix="quality_dino_") as tmp:
-        for seed in tqdm(args.seeds, desc="seeds", unit="seed"):
-            o, p, i = run_seed(seed, args, Path(tmp))
-            for key, value in zip(results, (o, p, i)):
-                results[key].append(value)
-            tqdm.write(
-                f"seed {seed}: kNN top-1 @20 ours {o['final']['knn_top1@20']:.4f}, "
-                f"lightly {p['final']['knn_top1@20']:.4f}, untrained "
-                f"{o['init']['knn_top1@20']:.4f}"
-            )
+    results, elapsed = run_seeds(args, run_seed, "lightly", "knn_top1@20")
     table = {
         "keys": KEYS,
         "labels": [f"k={k}" for k in KS],
@@ -393,7 +333,7 @@ def main() -> None:
     }
     report(
         args,
-        time.perf_counter() - t_start,
+        elapsed,
         "dino",
         "lightly",
         results,

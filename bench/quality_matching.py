@@ -38,9 +38,7 @@ Time per seed, 1 thread on a busy 2-core machine: about 4 min for each method.
 
 from __future__ import annotations
 
-import argparse
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,21 +47,17 @@ import pytorch_metric_learning
 import torch
 import torch.nn.functional as F
 from _quality import (
-    REPO,
-    RESULTS,
+    base_parser,
     compose,
-    default_threads,
     digest,
     embed_loader,
     eval_every,
     evaluate_with,
-    method_record,
-    quiet_lightning,
+    paired_records,
     report,
     run_ours,
     run_overrides,
-    same_untrained,
-    set_threads,
+    run_seeds,
     split_digests,
     states_equal,
 )
@@ -178,71 +172,18 @@ def run_seed(seed: int, args, tmp: Path) -> tuple[dict, dict, dict]:
     overrides = run_overrides(seed, args.epochs, eval_every(4, args.epochs))
     cfg = compose("matching", overrides, tmp / f"ours-{seed}", args.root)
     probe, ours_s = run_ours(cfg)
-    peer = run_pml(cfg, probe)
-    ours = method_record(
-        probe.history,
-        KEYS,
-        "f1",
-        seed=seed,
-        time_s=round(ours_s, 1),
-        test={k: probe.test.get(k) for k in KEYS},
-    )
-    theirs = method_record(
-        peer["history"],
-        KEYS,
-        "f1",
-        seed=seed,
-        time_s=peer["time_s"],
-        loss_first_last=peer["loss_first_last"],
-    )
-    identity = {
-        "seed": seed,
-        "same_store_split_and_pixels": probe.data == peer["data"],
-        "same_first_batch_pixels": probe.first_batch_digest == peer["first_batch_digest"],
-        "same_steps": sum(map(len, probe.batches)) == peer["steps"],
-        "same_untrained_eval": same_untrained(ours, theirs, KEYS),
-        "init_identical_by_seed": peer["init_identical_by_seed"],
-        "eval_every_n_epochs": int(cfg.trainer.check_val_every_n_epoch),
-        "store": probe.data.get("store"),
-    }
-    return ours, theirs, identity
+    return paired_records(seed, cfg, probe, ours_s, run_pml(cfg, probe), KEYS, "f1")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=16, help="the budget (conf: 16)")
+    ap = base_parser(
+        __doc__, "quality_matching.json", "data dir (postings and stores written once, by key)"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=default_threads(),
-        help="torch intra-op threads (default OMP_NUM_THREADS, else 1)",
-    )
-    ap.add_argument(
-        "--root",
-        type=Path,
-        default=REPO / "data",
-        help="data dir (postings and stores are written once and reused by key)",
-    )
-    ap.add_argument("--out", type=Path, default=RESULTS / "quality_matching.json")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = QUICK["seeds"], QUICK["epochs"]
-    set_threads(args.threads)
-    quiet_lightning()
-
-    t_start = time.perf_counter()
-    results = {"ours": [], "pml": [], "identity": []}
-    with tempfile.TemporaryDirectory(prefix="quality_matching_") as tmp:
-        for seed in tqdm(args.seeds, desc="seeds", unit="seed"):
-            o, p, i = run_seed(seed, args, Path(tmp))
-            for key, value in zip(results, (o, p, i)):
-                results[key].append(value)
-            tqdm.write(
-                f"seed {seed}: F1 ours {o['final']['f1']:.4f}, pml {p['final']['f1']:.4f}, "
-                f"untrained {o['init']['f1']:.4f}"
-            )
+    results, elapsed = run_seeds(args, run_seed, "pml", "f1")
     table = {
         "keys": KEYS,
         "labels": LABELS,
@@ -254,7 +195,7 @@ def main() -> None:
     }
     report(
         args,
-        time.perf_counter() - t_start,
+        elapsed,
         "matching",
         "pml",
         results,

@@ -193,7 +193,7 @@ def plain_fit(m: DINOModule, batch, steps, batch_size, device, precision="32-tru
     )
     last_layer = list(m.student_head.last_layer.parameters())
     freeze_last = hp.freeze_last_layer_epochs > 0  # every step here is in epoch 0
-    views, n_global = batch["views"], m.multicrop.n_global
+    views = batch["views"]
     amp = precision == "bf16-mixed"
     torch.manual_seed(SEED)
     starts = []
@@ -206,13 +206,7 @@ def plain_fit(m: DINOModule, batch, steps, batch_size, device, precision="32-tru
         # cache_enabled=False as Lightning's: with the cache, the two student passes share
         # one bf16 copy of each weight and their gradients add up in bf16.
         with torch.autocast(device.type, torch.bfloat16, enabled=amp, cache_enabled=False):
-            globals_ = torch.cat(views[:n_global])
-            feats = [m.student_backbone(globals_)]
-            if len(views) > n_global:
-                feats.append(m.student_backbone(torch.cat(views[n_global:])))
-            s_out = m.student_head(torch.cat(feats))
-            with torch.no_grad():
-                t_out = m.teacher_head(m.teacher_backbone(globals_))
+            s_out, t_out = m.forward_views(views)  # the model's forward: a plain method
             loss = m.criterion(s_out, t_out, len(views), hp.student_temp, temp)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}")

@@ -52,6 +52,20 @@ class Probe(L.Callback):
         )
 
 
+def cpu_trainer(**overrides) -> L.Trainer:
+    """A quiet CPU Trainer: 1 epoch of 1 batch, no validation, logger, checkpoints or bar."""
+    kwargs = dict(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    return L.Trainer(**{**kwargs, **overrides})
+
+
 @pytest.mark.parametrize(
     "backbone",
     [
@@ -81,16 +95,7 @@ def test_dino_step_mechanics(tmp_path, backbone):
         freeze_last_layer_epochs=1,
     )
     probe = Probe()
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=[probe],
-        enable_progress_bar=False,
-        accelerator="cpu",
-    )
+    trainer = cpu_trainer(limit_train_batches=2, callbacks=[probe])
     trainer.fit(module, datamodule=tiny_datamodule(tmp_path))
     assert len(probe.records) == 2
     for r in probe.records:
@@ -137,17 +142,7 @@ class BatchKeys(L.Callback):
 def _fit_one_batch(module, tmp_path, **trainer_kwargs):
     probe = BatchKeys()
     dm = tiny_datamodule(tmp_path)
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        callbacks=[probe],
-        **trainer_kwargs,
-    )
+    trainer = cpu_trainer(callbacks=[probe], **trainer_kwargs)
     trainer.fit(module, datamodule=dm)
     return probe, dm
 
@@ -220,15 +215,11 @@ def test_logged_rows_keep_every_training_value(tmp_path):
         bottleneck_dim=8,
         multicrop=SMALL_CROPS,
     )
-    trainer = L.Trainer(
+    trainer = cpu_trainer(
         max_epochs=2,
         limit_train_batches=3,
-        limit_val_batches=0,
         log_every_n_steps=2,
         logger=CSVLogger(tmp_path / "csv", name="run"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
     )
     trainer.fit(module, datamodule=tiny_datamodule(tmp_path))
     with open(next((tmp_path / "csv").rglob("metrics.csv"))) as f:
