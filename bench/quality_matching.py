@@ -169,7 +169,7 @@ def run_pml(cfg, probe) -> dict:
 
 
 def run_seed(seed: int, args, tmp: Path) -> tuple[dict, dict, dict]:
-    overrides = run_overrides(seed, args.epochs, eval_every(4, args.epochs))
+    overrides = run_overrides(seed, args.epochs, eval_every(4, args.epochs)) + args.override
     cfg = compose("matching", overrides, tmp / f"ours-{seed}", args.root)
     probe, ours_s = run_ours(cfg)
     return paired_records(seed, cfg, probe, ours_s, run_pml(cfg, probe), KEYS, "f1")
@@ -180,6 +180,7 @@ def main() -> None:
         __doc__, "quality_matching.json", "data dir (postings and stores written once, by key)"
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch")
+    ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for ours")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = QUICK["seeds"], QUICK["epochs"]

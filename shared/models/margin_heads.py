@@ -92,6 +92,11 @@ class ArcFaceHead(nn.Module):
     `margin_warmup_steps` > 0 the margin ramps linearly from 0; the training loop calls
     `set_step(global_step)` (the step is a buffer, so it is saved and restored with the head).
 
+    `init_std`: class weights start N(0, init_std^2) instead of nn.Linear's uniform range.
+    Only the directions enter the cosines, so the scale sets how far an optimiser step turns a
+    class centre: Adam's steps have a fixed size, and large rows (pytorch-metric-learning
+    starts at N(0, 1), rows of norm ~sqrt(D)) turn slowly, small ones fast.
+
     Always computed in (at least) fp32 with autocast off: fp16 class weights and cosines give
     NaNs and worse results under AMP.
     """
@@ -108,6 +113,7 @@ class ArcFaceHead(nn.Module):
         margin_warmup_steps: int = 0,
         label_smoothing: float = 0.0,
         dynamic_margin_low: float = 0.05,
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -132,8 +138,13 @@ class ArcFaceHead(nn.Module):
         self.label_smoothing = float(label_smoothing)
 
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.subcenters, embedding_size))
-        bound = 1.0 / math.sqrt(embedding_size)  # nn.Linear's default range
-        nn.init.uniform_(self.weight, -bound, bound)
+        if init_std is None:
+            bound = 1.0 / math.sqrt(embedding_size)  # nn.Linear's default range
+            nn.init.uniform_(self.weight, -bound, bound)
+        elif init_std > 0:
+            nn.init.normal_(self.weight, 0.0, init_std)
+        else:
+            raise ValueError(f"ArcFaceHead needs init_std > 0 or null, got {init_std}")
 
         if class_counts is not None:
             if len(class_counts) != self.num_classes:

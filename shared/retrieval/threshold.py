@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 # The competition caps groups at 50 and a k = 51 self-search returns self + 50 others.
@@ -133,44 +134,6 @@ def _row_candidates(
     return _Candidates(s, ix, cand, self_ids, first, has_other)
 
 
-def _threshold_counts(s: np.ndarray, sorted_thr: np.ndarray) -> np.ndarray:
-    """For every entry of `s`, how many of the ascending `sorted_thr` are <= it (flat intp).
-
-    `np.searchsorted`, exact, but through a lookup table: the value range of the thresholds
-    is cut into 64 cells per threshold, each entry's cell comes from one multiply-add (a
-    monotone map, so an entry and a threshold in different cells are ordered as their
-    cells), the table gives the count of every cell that holds no threshold, and only the
-    entries in the few cells that hold one are binary-searched. Several times faster than
-    searchsorted on a million entries, which would otherwise be the sweep's largest cost.
-    `sorted_thr` must be of `s`'s dtype (see `_ceil_to`) and `s` must hold no NaN.
-    """
-    flat = s.reshape(-1)
-    lo, hi = float(sorted_thr[0]), float(sorted_thr[-1])
-    cells = min(64 * len(sorted_thr), 1 << 20)
-    dt = s.dtype.type
-    with np.errstate(over="ignore"):
-        spread = np.float64(hi) - np.float64(lo)
-        scale = dt(cells / spread) if spread > 0 else dt(0)
-        shift = dt(2.0 - lo * float(scale))
-    if not (np.isfinite(scale) and np.isfinite(shift) and scale > 0):
-        return np.searchsorted(sorted_thr, flat, side="right")
-
-    def cell_of(x: np.ndarray) -> np.ndarray:  # in [0, cells + 4); -inf -> 0, +inf -> last
-        with np.errstate(over="ignore"):
-            c = np.multiply(x, scale, dtype=dt)
-            c += shift
-        np.clip(c, 0, cells + 3, out=c)
-        return c.astype(np.intp)
-
-    thr_cells = cell_of(sorted_thr)
-    table = np.searchsorted(thr_cells, np.arange(cells + 4), side="left").astype(np.intp)
-    table[thr_cells] = -1  # cells holding a threshold: search those entries exactly
-    counts = table.take(cell_of(flat))
-    unsure = np.flatnonzero(counts < 0)
-    counts[unsure] = np.searchsorted(sorted_thr, flat[unsure], side="right")
-    return counts
-
-
 @dataclass(frozen=True)
 class SweepResult:
     """Mean F1 / precision / recall over postings, one value per threshold."""
@@ -211,7 +174,6 @@ def threshold_sweep(
     query_ids: Any = None,
     min2: float | None = None,
     max_neighbours: int = MAX_NEIGHBOURS,
-    chunk_rows: int = 4096,
 ) -> SweepResult:
     """Shopee F1, precision and recall of "match if sim >= t" for every threshold t at once.
 
@@ -223,11 +185,10 @@ def threshold_sweep(
     neighbours with sim >= t, at most `max_neighbours` of them (the best ones). `min2`: a
     row left with only itself keeps its nearest other neighbour if that one's sim >= min2.
 
-    O(N k + T), not O(N k T): taking a row's candidates in similarity order, each one grows
-    P by one item and changes the row's score by a known delta; a candidate is predicted
-    exactly for the thresholds <= its similarity, so one histogram of the deltas over the
-    sorted thresholds, summed from the top, gives every threshold's total at once. Rows go
-    `chunk_rows` at a time, which bounds the memory and keeps each pass in cache.
+    O(N k + T), not O(N k T): a row's scores change only where its candidates, taken in
+    similarity order, cross a threshold, so one walk down each row (`_sweep_rows`) adds
+    each change to a histogram over the sorted thresholds, and a cumulative sum from the
+    top gives every threshold's total at once.
     """
     y = _numpy(labels).reshape(-1)
     thr = _numpy(thresholds).astype(np.float64).reshape(-1)
@@ -235,88 +196,204 @@ def threshold_sweep(
         raise ValueError("thresholds must not be empty")
     if not np.isfinite(thr).all():
         raise ValueError("thresholds must be finite")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if max_neighbours < 0:
+        raise ValueError(f"max_neighbours must be >= 0, got {max_neighbours}")
     s_all, ix_all = _float_sims(sims), _numpy(idx).astype(np.int64, copy=False)
     if s_all.ndim != 2 or s_all.shape != ix_all.shape:
         raise ValueError(f"sims {s_all.shape} and idx {ix_all.shape} must be equal 2-D [N, k]")
     n_gallery = y.shape[0]
-    self_all = _self_ids(s_all.shape[0], n_gallery, query_ids)
+    self_ids = _self_ids(s_all.shape[0], n_gallery, query_ids)
 
     _, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
-    codes = codes.reshape(-1)
     order = np.argsort(thr, kind="stable")
     sorted_thr = _ceil_to(thr[order], s_all.dtype)
-    k = s_all.shape[1]
-    # u = m + g and u (u + 1) below stay small integers unless groups are huge.
-    wide = np.int64 if k + int(counts.max()) + 2 > 40000 else np.int32
-
-    # hist[name][j]: summed score change of the candidates predicted for sorted thresholds
-    # 0 .. j-1 only (their similarity reaches threshold j-1 but not j); base: the scores
-    # with no candidate predicted (min2 included).
-    hist = {name: np.zeros(thr.size + 1) for name in ("f1", "precision", "recall")}
-    base = dict.fromkeys(hist, 0.0)
-    for start in range(0, s_all.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        c = _row_candidates(s_all[rows], ix_all[rows], n_gallery, self_all[rows], max_neighbours)
-        if c.cand.size and np.isnan(c.sims.max()):
-            raise ValueError("sims hold NaN for a neighbour")
-        row_code = codes[c.self_ids]
-        g = counts[row_code].astype(wide)[:, None]  # |T|
-        match = codes.take(c.idx) == row_code[:, None]
-        match &= c.cand
-        # After a candidate joins P: m others predicted, tp of them true; a = 1 + tp.
-        m = np.cumsum(c.cand, axis=1, dtype=wide)
-        a = np.cumsum(match, axis=1, dtype=wide)
-        a += 1
-        # Each metric's change when a candidate joins (one exact rational, one division):
-        #   F1 / 2:    a/(u+1) - (a-match)/u  = (match (u+1) - a) / (u (u+1)),  u = m + g
-        #   precision: a/(m+1) - (a-match)/m  = (match (m+1) - a) / (m (m+1))
-        #   recall:    a/g     - (a-match)/g  = match / g   (true candidates only)
-        u = m + g
-        u1 = u + 1
-        num = match * u1
-        num -= a
-        u *= u1
-        d_f1 = np.divide(num, u, dtype=np.float64)
-        np.maximum(m, 1, out=m)  # m = 0 only left of the first candidate: bin 0, unread
-        u1 = m + 1
-        num = match * u1
-        num -= a
-        m *= u1
-        d_precision = np.divide(num, m, dtype=np.float64)
-        # Non-candidates hold -inf, so they land in bin 0, which no threshold reads.
-        bins = _threshold_counts(c.sims, sorted_thr)
-        # min2: a row that would predict only itself keeps its nearest other instead, so
-        # its no-candidate state is "one prediction" and that candidate changes nothing
-        # (moved to the unread bin 0).
-        n_base = np.zeros(len(row_code))
-        tp_base = np.zeros(len(row_code))
-        if min2 is not None:
-            keep = np.flatnonzero(c.has_other & (c.nearest_sim >= min2))
-            n_base[keep] = 1.0
-            tp_base[keep] = match[keep, c.first[keep]]
-            bins.reshape(c.sims.shape)[keep, c.first[keep]] = 0
-        gf = g[:, 0].astype(np.float64)
-        base["f1"] += float((2.0 * (1.0 + tp_base) / (1.0 + n_base + gf)).sum())
-        base["precision"] += float(((1.0 + tp_base) / (1.0 + n_base)).sum())
-        base["recall"] += float(((1.0 + tp_base) / gf).sum())
-        size = thr.size + 1
-        hist["f1"] += np.bincount(bins, weights=d_f1.reshape(-1), minlength=size)
-        hist["precision"] += np.bincount(bins, weights=d_precision.reshape(-1), minlength=size)
-        true_weights = np.broadcast_to(1.0 / gf[:, None], match.shape)[match]
-        true_bins = bins[match.reshape(-1)]
-        hist["recall"] += np.bincount(true_bins, weights=true_weights, minlength=size)
+    max_n = int(min(max_neighbours, s_all.shape[1]))
+    with np.errstate(divide="ignore"):  # 1 / n for every count a score can divide by
+        inverse = 1.0 / np.arange(max_n + int(counts.max()) + 3, dtype=np.float64)
+    # hist[j]: summed score change (F1, precision, recall) of the rows whose predictions grow
+    # between sorted thresholds j and j - 1; base: every row's score at no candidate.
+    hist = np.zeros((thr.size + 1, 3))
+    base = np.zeros(3)
+    s_all, ix_all = _in_similarity_order(
+        np.ascontiguousarray(s_all), np.ascontiguousarray(ix_all), self_ids
+    )
+    status = _sweep_rows(
+        s_all,
+        ix_all,
+        self_ids,
+        codes.reshape(-1).astype(np.int64, copy=False),
+        counts.astype(np.int64, copy=False),
+        sorted_thr,
+        *_bin_table(sorted_thr),
+        inverse,
+        -np.inf if min2 is None else float(min2),
+        min2 is not None,
+        max_n,
+        hist,
+        base,
+    )
+    if status == _NAN:
+        raise ValueError("sims hold NaN for a neighbour")
+    if status == _OUT_OF_RANGE:
+        raise ValueError(f"an index is out of range for a gallery of {n_gallery}")
 
     out = {}
     n_rows = s_all.shape[0]
-    for name, h in hist.items():
+    for name, b, h in zip(("f1", "precision", "recall"), base, hist.T, strict=True):
         above = np.cumsum(h[::-1])[::-1][1:]  # sorted threshold j: sum of h[j + 1:]
-        if name == "f1":
-            above = 2.0 * above
         out[name] = np.empty(thr.size)
-        out[name][order] = (base[name] + above) / n_rows
+        out[name][order] = (b + above) / n_rows
     return SweepResult(thr, out["f1"], out["precision"], out["recall"], int(np.argmax(out["f1"])))
+
+
+_OK, _NAN, _OUT_OF_RANGE = 0, 1, 2
+
+
+def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, Any, Any]:
+    """A lookup table that makes `searchsorted(sorted_thr, v, "right")` one multiply-add.
+
+    The thresholds' range is cut into 64 cells per threshold; `_cell` maps a value to its
+    cell monotonically (a rounded multiply-add cannot reorder values), so a value and a
+    threshold in different cells compare as their cells do. The table holds each cell's
+    count of thresholds below it, or -1 for a cell that holds a threshold, whose values are
+    binary-searched. Returns (table, scale, shift), the last two of `sorted_thr`'s dtype.
+    """
+    dt = sorted_thr.dtype.type
+    cells = min(64 * len(sorted_thr), 1 << 20)
+    spread = float(sorted_thr[-1]) - float(sorted_thr[0])
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scale = dt(cells / spread) if spread > 0 else dt(0)
+        shift = dt(2.0 - float(sorted_thr[0]) * float(scale))
+    top = cells + 3
+    if not (np.isfinite(scale) and np.isfinite(shift) and scale > 0):
+        return np.full(top + 1, -1, np.int64), dt(0), dt(0)  # no usable map: search all
+    thr_cells = _cells(sorted_thr, scale, shift, top)
+    table = np.searchsorted(thr_cells, np.arange(top + 1), side="left").astype(np.int64)
+    table[thr_cells] = -1
+    return table, scale, shift
+
+
+@numba.njit(cache=True, nogil=True)
+def _cell(v, scale, shift, top):
+    """The lookup-table cell of a value, in [0, top] (-inf -> 0, +inf -> top; with scale 0,
+    where inf gives NaN, cell 0, whose table entry is then -1 like every other)."""
+    c = v * scale + shift
+    if c >= top:
+        return top
+    if c > 0:
+        return int(c)
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _in_similarity_order(s, ix, self_ids):
+    """`s`, `ix` with every row's candidates best first: FAISS rows as they are, any other
+    row after a stable argsort (ties keep their column order; non-candidates go last).
+    Copies only when some row is out of order."""
+    n_rows, k = s.shape
+    out_s, out_ix, copied = s, ix, False
+    key = np.empty(k, np.float64)
+    for i in range(n_rows):
+        for e in range(1, k):
+            if s[i, e] > s[i, e - 1]:
+                break
+        else:
+            continue
+        if not copied:
+            out_s, out_ix, copied = s.copy(), ix.copy(), True
+        own = self_ids[i]
+        for e in range(k):
+            j = ix[i, e]
+            key[e] = np.inf if j < 0 or j == own else -s[i, e]
+        order = np.argsort(key, kind="mergesort")
+        out_s[i], out_ix[i] = s[i][order], ix[i][order]
+    return out_s, out_ix
+
+
+@numba.njit(cache=True, nogil=True)
+def _cells(values, scale, shift, top):
+    """`_cell` of every value."""
+    out = np.empty(values.shape[0], np.int64)
+    for i in range(values.shape[0]):
+        out[i] = _cell(values[i], scale, shift, top)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep_rows(
+    s, ix, self_ids, codes, counts, sorted_thr, table, scale, shift, inverse, min2, use_min2,
+    max_n, hist, base,
+):  # fmt: skip
+    """The sweep's one pass over the rows, compiled: a few ns per neighbour entry.
+
+    A row's candidates (its valid other neighbours, the best `max_n`) are walked in
+    similarity order (`_in_similarity_order` first). After each candidate joins, the row's
+    scores are recomputed from its counts; the change is added to the candidate's bin, the count of
+    sorted thresholds <= its similarity (thresholds from that bin down predict it).
+    Returns _OK, _NAN (a candidate's sim is NaN) or _OUT_OF_RANGE (an index >= the
+    gallery), for the caller to raise.
+    """
+    n_rows, k = s.shape
+    n_gallery = codes.shape[0]
+    top = table.shape[0] - 1
+    # one row's candidates: bin and score changes, scattered into hist after the row (a
+    # store whose address is already known does not stall the next row's loads)
+    bins = np.empty(k, np.int64)
+    changes = np.empty((k, 3))
+    for i in range(n_rows):
+        own = self_ids[i]
+        code = codes[own]
+        g = counts[code]
+        # m other items predicted, tp of them true; (f, p, r) the row's scores at that state
+        m, tp = 0, 0
+        f, p, r = 2.0 * inverse[1 + g], 1.0, inverse[g]
+        min2_done = not use_min2
+        start = (f, p, r)  # the scores no threshold changes: the base
+        n = 0
+        for e in range(k):
+            j = ix[i, e]
+            if j < 0 or j == own:
+                continue
+            if j >= n_gallery:
+                return _OUT_OF_RANGE
+            if m == max_n:
+                break
+            v = s[i, e]
+            if v != v:
+                return _NAN
+            true = codes[j] == code
+            if not min2_done:  # the nearest, if close enough, is predicted at any threshold
+                min2_done = True
+                if v >= min2:
+                    m, tp = 1, int(true)
+                    f, p, r = 2.0 * (1 + tp) * inverse[2 + g], (1 + tp) * 0.5, (1 + tp) / g
+                    start = (f, p, r)
+                    continue
+            b = table[_cell(v, scale, shift, top)]
+            if b < 0:
+                b = np.searchsorted(sorted_thr, v, side="right")
+            if b == 0:  # below every threshold, as is the rest of the row
+                break
+            m += 1
+            tp += true
+            f1 = 2.0 * (1 + tp) * inverse[1 + m + g]
+            p1 = (1 + tp) * inverse[1 + m]
+            r1 = (1 + tp) * inverse[g]
+            bins[n] = b
+            changes[n, 0] = f1 - f
+            changes[n, 1] = p1 - p
+            changes[n, 2] = r1 - r
+            f, p, r = f1, p1, r1
+            n += 1
+        for e in range(n):
+            b = bins[e]
+            hist[b, 0] += changes[e, 0]
+            hist[b, 1] += changes[e, 1]
+            hist[b, 2] += changes[e, 2]
+        base[0] += start[0]
+        base[1] += start[1]
+        base[2] += start[2]
+    return _OK
 
 
 def matches_from_threshold(

@@ -213,6 +213,19 @@ def test_errors():
         head(torch.randn(2, E), torch.tensor([0.0, 1.0]))
 
 
+def test_init_std_sets_the_class_weight_distribution():
+    torch.manual_seed(0)
+    default = ArcFaceHead(512, 200).weight.detach()
+    bound = 1 / math.sqrt(512)  # nn.Linear's range: uniform, std bound / sqrt(3)
+    assert default.abs().max() <= bound
+    assert default.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    wide = ArcFaceHead(512, 200, init_std=1.0).weight.detach()
+    assert wide.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert wide.std().item() == pytest.approx(1.0, rel=0.02)
+    with pytest.raises(ValueError, match="init_std > 0 or null"):
+        ArcFaceHead(E, C, init_std=0.0)
+
+
 def test_state_dict_loads_weights_only():
     head = ArcFaceHead(E, C, subcenters=3, class_counts=list(range(1, C + 1)))
     head.set_step(7)

@@ -7,7 +7,6 @@ import torch
 from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import (
     _ceil_to,
-    _threshold_counts,
     matches_from_threshold,
     neighbourhood_blend,
     plot_threshold_sweep,
@@ -113,23 +112,23 @@ def random_neighbours(seed, n=120, k=9, dtype=np.float32):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("min2, max_n, chunk_rows", [(None, 50, 4096), (0.25, 5, 7), (0.0, 3, 1)])
-def test_sweep_matches_brute_force_with_ties_and_chunks(dtype, min2, max_n, chunk_rows):
+@pytest.mark.parametrize("min2, max_n", [(None, 50), (0.25, 5), (0.0, 3), (0.5, 0)])
+def test_sweep_matches_brute_force_with_ties_and_caps(dtype, min2, max_n):
     sims, idx, labels = random_neighbours(3, dtype=dtype)
     grid = np.arange(-2, 9) / 8  # every tie value is also a threshold, plus some between
     # ... and just above a tie value, which float32 cannot hold: must not match it
     thresholds = np.concatenate([grid, grid[:-1] + 1 / 16, grid + 1e-12, [0.3, 0.71, -0.05]])
-    got = threshold_sweep(
-        sims, idx, labels, thresholds, min2=min2, max_neighbours=max_n, chunk_rows=chunk_rows
-    )
+    before = sims.copy(), idx.copy()
+    got = threshold_sweep(sims, idx, labels, thresholds, min2=min2, max_neighbours=max_n)
+    np.testing.assert_array_equal(sims, before[0])  # unsorted rows are sorted in a copy
+    np.testing.assert_array_equal(idx, before[1])
     ref = brute_force_sweep(sims, idx, labels, thresholds, min2=min2, max_n=max_n)
     for key in ("f1", "precision", "recall"):
         np.testing.assert_allclose(getattr(got, key), ref[key], rtol=0, atol=1e-12)
     rows = np.arange(0, len(labels), 4)
     sub = threshold_sweep(
-        sims[rows], idx[rows], labels, thresholds, query_ids=rows, min2=min2,
-        max_neighbours=max_n, chunk_rows=chunk_rows,
-    )  # fmt: skip
+        sims[rows], idx[rows], labels, thresholds, query_ids=rows, min2=min2, max_neighbours=max_n
+    )
     ref = brute_force_sweep(sims[rows], idx[rows], labels, thresholds, rows, min2, max_n)
     np.testing.assert_allclose(sub.f1, ref["f1"], rtol=0, atol=1e-12)
     ids = np.arange(len(labels))
@@ -139,29 +138,37 @@ def test_sweep_matches_brute_force_with_ties_and_chunks(dtype, min2, max_n, chun
         assert [sorted(row) for row in got_matches] == want
 
 
+GRIDS = {
+    "many": np.concatenate([np.linspace(-0.5, 1.0, 31), [0.2, 0.2, 0.5 + 1e-12]]),
+    "one": np.array([0.5]),
+    "equal": np.array([0.2, 0.2, 0.2]),
+    "1e-300 apart": np.array([0.5, 0.5 + 1e-300, 0.5]),
+}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_threshold_counts_equal_searchsorted(dtype):
+@pytest.mark.parametrize("grid", GRIDS)
+def test_sweep_exact_at_extreme_similarities(dtype, grid):
+    """Similarities on, just around, and far outside the thresholds (inf, the dtype's max and
+    min, signed zeros), also for grids with no spread: every threshold's scores must equal
+    the float64 definition's."""
     rng = np.random.default_rng(12)
     finfo = np.finfo(dtype)
-    for thresholds in (
-        np.linspace(0.0, 1.0, 101),
-        np.sort(rng.uniform(-1, 1, 37)),
-        np.array([0.5]),
-        np.array([0.2, 0.2, 0.2]),
-        np.array([0.5, 0.5 + 1e-12]),
-    ):
-        sorted_thr = _ceil_to(thresholds, dtype)
-        s = rng.uniform(-1.2, 1.2, 5000).astype(dtype)
-        s[: len(sorted_thr)] = sorted_thr  # exactly on a threshold
-        s[-8:] = [-np.inf, np.inf, finfo.max, finfo.min, 0.0, -0.0, finfo.tiny, -finfo.tiny]
-        s[-9] = np.nextafter(sorted_thr[0], dtype(-np.inf))
-        s[-10] = np.nextafter(sorted_thr[-1], dtype(np.inf))
-        s = s.reshape(50, 100)
-        got = _threshold_counts(s, sorted_thr)
-        np.testing.assert_array_equal(got, np.searchsorted(sorted_thr, s.ravel(), side="right"))
-        # ... which is "how many float64 thresholds are <= s", exactly
-        wide = (s.astype(np.float64).reshape(-1, 1) >= thresholds[None, :]).sum(1)
-        np.testing.assert_array_equal(got, wide)
+    n, k = 60, 12
+    labels = rng.integers(0, 15, n)
+    thresholds = GRIDS[grid]
+    near = _ceil_to(thresholds, dtype)
+    pool = np.concatenate([
+        near, np.nextafter(near, dtype(-np.inf)), np.nextafter(near, dtype(np.inf)),
+        [-np.inf, np.inf, finfo.max, finfo.min, 0.0, -0.0, finfo.tiny, -finfo.tiny],
+        rng.uniform(-1.2, 1.2, 40),
+    ]).astype(dtype)  # fmt: skip
+    sims = np.sort(rng.choice(pool, (n, k)), axis=1)[:, ::-1].copy()
+    idx = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    got = threshold_sweep(sims, idx, labels, thresholds, min2=0.1)
+    ref = brute_force_sweep(sims, idx, labels, thresholds, min2=0.1)
+    for key in ("f1", "precision", "recall"):
+        np.testing.assert_allclose(getattr(got, key), ref[key], rtol=0, atol=1e-12)
 
 
 def test_nan_similarity_raises():
