@@ -17,9 +17,9 @@ pixel-identical) and produce the same views: 2 global + `n_local` local crops pe
   ours-step (`--with-step`) the store loader yields uint8 and `MultiCrop` runs in the main
             process after it (the `augment_in=device` path on the CPU): only the reads are in
             the workers, so it shows what in-loader augmentation buys.
-Kept apart on purpose: ours resamples crops bilinearly (`roi_align`), the baseline
-bicubically; ours jitters in a fixed order, torchvision's ColorJitter in a random one. The
-blur radius is scaled by crop size / 224 in both.
+Kept apart on purpose: ours resamples crops bilinearly (antialiased, in uint8 like PIL), the
+baseline bicubically; ours jitters in a fixed order, torchvision's ColorJitter in a random
+one. The blur radius is scaled by crop size / 224 in both.
 
 Same batch size, same num_workers (each worker one torch thread), same cores. Warm-up
 batches are not timed; every repetition times one epoch of each pipeline back to back
@@ -303,10 +303,9 @@ def bench_config(cfg: dict, args) -> dict:
 # ---- MultiCrop alone ----------------------------------------------------------------------
 def per_op_views(mc: MultiCrop, images: torch.Tensor) -> list[torch.Tensor]:
     """The per-op functions composed one after the other (MultiCrop before it was fused)."""
-    x = augment.to_float(images)
     out = []
     for r in mc.views:
-        y = augment.random_resized_crop(x, r.size, r.scale)
+        y = augment.to_float(augment.random_resized_crop(images, r.size, r.scale))
         y = augment.random_hflip(y, mc.flip_p)
         y = augment.color_jitter(y, *mc.jitter, p=mc.jitter_p)
         y = augment.random_grayscale(y, mc.grayscale_p)

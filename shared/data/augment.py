@@ -1,13 +1,14 @@
 """Augmentations on whole batches of image tensors, each image with its own random draw.
 
 torchvision's v2 transforms draw one set of parameters per call, so a batch would get the
-same crop everywhere. These functions draw per image and stay vectorised, so they run on
-the GPU right after the batch is transferred (uint8 over the bus, float on the device), or
-in the CPU data-loader workers on whole batches.
+same crop everywhere. These functions draw per image and stay vectorised (the crop, whose
+boxes differ in size, is one resize call per image), so they run on the GPU right after
+the batch is transferred (uint8 over the bus, float on the device), or in the CPU
+data-loader workers on whole batches (crops in uint8, like PIL, through torch's SIMD path).
 
 The per-op functions are the readable definitions (each tested against torchvision);
 `MultiCrop` draws exactly what they draw and computes the same views in fewer passes
-(separable crop, colour matrices, in-place steps on cache-sized chunks).
+(flip folded into the crop, colour matrices, in-place steps on cache-sized chunks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,104 +75,71 @@ def random_resized_crop_boxes(
     device=None,
     generator=None,
 ) -> torch.Tensor:
-    """Per-image crop boxes [n, 4] (x1, y1, x2, y2) like RandomResizedCrop.
+    """Per-image whole-pixel crop boxes [n, 4] (x1, y1, x2, y2), int64, like RandomResizedCrop.
 
-    Area fraction ~ U(scale), log aspect ~ U(log ratio); boxes that do not fit are
-    shrunk to fit instead of re-drawn (a vectorised stand-in for torchvision's 10 tries).
+    Area fraction ~ U(scale), log aspect ~ U(log ratio), sides rounded to whole pixels; boxes
+    that do not fit are shrunk to fit instead of re-drawn (a vectorised stand-in for
+    torchvision's 10 tries); the position is uniform over the places the box fits.
     """
     area = height * width
     u = torch.rand(n, 3, device=device, generator=generator)
     target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     aspect = torch.exp(log_r)
-    w = torch.sqrt(target * aspect).clamp(max=width)
-    h = torch.sqrt(target / aspect).clamp(max=height)
+    w = torch.sqrt(target * aspect).round().clamp(1, width)
+    h = torch.sqrt(target / aspect).round().clamp(1, height)
     pos = torch.rand(n, 2, device=device, generator=generator)
-    x1 = pos[:, 0] * (width - w)
-    y1 = pos[:, 1] * (height - h)
-    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+    x1 = torch.minimum((pos[:, 0] * (width - w + 1)).floor(), width - w)
+    y1 = torch.minimum((pos[:, 1] * (height - h + 1)).floor(), height - h)
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).long()
+
+
+def resized_crops(
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    flip: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each image's box [n, 4] resized to size x size, mirrored where `flip` [n] is set.
+
+    Bilinear with antialiasing, torchvision's `resized_crop` (a triangle filter as wide as the
+    shrink factor, so shrinking averages like PIL; enlarging is plain bilinear). One call per
+    image: boxes differ in size. uint8 images on the CPU take torch's SIMD uint8 path (about
+    10x faster than float, and the result is rounded to uint8 as PIL's is); pass them
+    channels-last to save a conversion per image. `out` (any dtype, e.g. float for uint8
+    crops) receives the views; by default they are new tensors of x's dtype.
+    """
+    n, c = x.shape[:2]
+    out = x.new_empty(n, c, size, size) if out is None else out
+    flips = flip.tolist() if flip is not None else [False] * n
+    for i, ((x1, y1, x2, y2), mirror) in enumerate(zip(boxes.tolist(), flips, strict=True)):
+        y = F.interpolate(
+            x[i : i + 1, :, y1:y2, x1:x2],
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0]
+        out[i].copy_(y.flip(-1) if mirror else y)
+    return out
 
 
 def random_resized_crop(
     x: torch.Tensor, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None
 ) -> torch.Tensor:
-    """Crop a different random box from every image and resize it to `size` (bilinear)."""
+    """Crop a different random box from every image and resize it to `size` (`resized_crops`);
+    the result has x's dtype (uint8 stays uint8)."""
     b, _, h, w = x.shape
     boxes = random_resized_crop_boxes(b, h, w, scale, ratio, x.device, generator)
-    rois = torch.cat([torch.arange(b, device=x.device, dtype=x.dtype)[:, None], boxes.to(x)], 1)
-    # aligned=True treats pixel centres at +0.5, the same convention as resize.
-    # sampling_ratio=0 (adaptive: ceil(box / size) samples per output pixel and axis) makes an
-    # enlarging crop plain bilinear resampling and a shrinking one a box-filtered average; a
-    # fixed 2 would also average two points half a pixel apart, blurring enlarged crops.
-    return roi_align(
-        x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True
-    )
+    return resized_crops(_fast_layout(x), boxes, size)
 
 
-def _axis_taps(lo: torch.Tensor, length: torch.Tensor, size: int, n_in: int):
-    """`random_resized_crop`'s sampling along one axis as taps: output s of image i is
-    sum_t w[i, s, t] * input[start[i, s] + t].
-
-    roi_align (aligned, adaptive) averages n = ceil(length / size) bilinear samples per output
-    pixel; they lie at most one input pixel apart, so n + 1 taps hold them (fewer images: zero
-    weights). Positions are computed in roi_align's order of float operations.
-    """
-    b, dt, dev = lo.shape[0], lo.dtype, lo.device
-    n = torch.ceil(length / size).clamp(min=1)
-    n_max = int(n.max())
-    taps = n_max + 1
-    k = torch.arange(n_max, device=dev, dtype=dt)
-    i = torch.arange(size, device=dev, dtype=dt)[None, :, None]
-    bin_, n = (length / size)[:, None, None], n[:, None, None]
-    pos = lo[:, None, None] - 0.5 + i * bin_ + (k + 0.5) * bin_ / n  # [b, size, n_max]
-    weight = (k < n).to(dt) / n  # 1 / n per sample, 0 for the padding samples
-    pos = pos.clamp(min=0)  # roi_align's border rule: clamp, no zero padding
-    low = pos.floor().clamp(max=n_in - 1)
-    high_w = torch.where(low >= n_in - 1, 0.0, pos - low) * weight
-    low = low.long()
-    start = low[..., :1]
-    w = torch.zeros(b, size, taps + 1, device=dev, dtype=dt)  # + a slot for zero weights
-    w.scatter_add_(2, (low - start).clamp(max=taps), weight - high_w)
-    w.scatter_add_(2, (low + 1 - start).clamp(max=taps), high_w)
-    return start[..., 0], w[..., :taps]
-
-
-def _resample_rows(src: torch.Tensor, start: torch.Tensor, w: torch.Tensor, out=None):
-    """out[i, c, s] = sum_t w[i, s, t] * src[i, c, start[i, s] + t]: whole rows of src
-    [n, c, r, l] gathered and blended (row copies and multiply-adds, all vectorised), into
-    `out` [n, c, size, l] (contiguous) when given."""
-    n, c, r, l = src.shape
-    size, taps = w.shape[1:]
-    flat = src.reshape(n * c * r, l)
-    base = (torch.arange(n * c, device=src.device) * r).view(n, c, 1)
-    out = src.new_empty(n * c * size, l) if out is None else out.view(n * c * size, l)
-    rows = src.new_empty(n * c * size, l) if taps > 1 else None
-    for t in range(taps):
-        idx = (base + (start + t).clamp(max=r - 1)[:, None, :]).flatten()
-        wt = w[:, None, :, t].expand(n, c, size).reshape(-1, 1)
-        if t == 0:
-            torch.index_select(flat, 0, idx, out=out).mul_(wt)
-        else:
-            out.addcmul_(torch.index_select(flat, 0, idx, out=rows), wt)
-    return out.view(n, c, size, l)
-
-
-def _crop_separable(
-    xt: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None, out=None
-) -> torch.Tensor:
-    """`random_resized_crop`'s crop of every box [n, 4] from images stored transposed, xt
-    [n, c, w, h], as two 1-D passes (bilinear sampling is separable); `flip` mirrors an
-    image's crop for free by reversing its column taps. The same values as roi_align up to
-    float rounding (tested), several times faster on the CPU."""
-    _, _, w, h = xt.shape
-    x1, y1, x2, y2 = boxes.unbind(1)
-    sx, wx = _axis_taps(x1, x2 - x1, size, w)
-    if flip is not None:
-        sx = torch.where(flip[:, None], sx.flip(1), sx)
-        wx = torch.where(flip[:, None, None], wx.flip(1), wx)
-    sy, wy = _axis_taps(y1, y2 - y1, size, h)
-    cols = _resample_rows(xt, sx, wx).transpose(2, 3).contiguous()  # [n, c, h, size]
-    return _resample_rows(cols, sy, wy, out)
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """uint8 CPU images channels-last: the layout of torch's SIMD resampling path."""
+    if x.dtype == torch.uint8 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5, generator=None) -> torch.Tensor:
@@ -236,14 +203,37 @@ def random_grayscale(x: torch.Tensor, p: float = 0.2, generator=None) -> torch.T
     return _on_subset(x, apply, lambda y, _: _gray(y).expand_as(y))
 
 
-def _blur_kernels(sigma_u: torch.Tensor, size: int, sigma, dtype) -> tuple[torch.Tensor, int]:
-    """`gaussian_blur`'s per-image 1-D kernels [B, 2r + 1] and radius r at crop size `size`."""
+def _blur_kernels(
+    sigma_u: torch.Tensor, size: int, sigma, dtype
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`gaussian_blur`'s per-image 1-D kernels [B, 2R + 1], their radii r [B] and R = max.
+
+    Each image's kernel is cut at its own radius r = ceil(3 sigma) (zero beyond, then
+    normalised), as torchvision's kernel of size 2r + 1 is: a small sigma costs few taps.
+    """
     s = sigma[0] + (sigma[1] - sigma[0]) * sigma_u
     s = (s * size / 224).clamp(min=1e-3)
     radius = max(1, int(math.ceil(3 * sigma[1] * size / 224)))
+    radii = torch.ceil(3 * s).clamp(1, radius).long()
     t = torch.arange(-radius, radius + 1, device=sigma_u.device, dtype=dtype)
     k = torch.exp(-(t[None] ** 2) / (2 * s[:, None].to(dtype) ** 2))
-    return k / k.sum(1, keepdim=True), radius
+    k = k * (t[None].abs() <= radii[:, None])
+    return k / k.sum(1, keepdim=True), radii, radius
+
+
+def _blur_each(y: torch.Tensor, k: torch.Tensor, radii: torch.Tensor, radius: int):
+    """`_blur` of every image with its own kernel row of k [n, 2R + 1] cut to its radius:
+    one pass per distinct radius. Returns a new tensor."""
+    groups = radii.unique().tolist()
+    if len(groups) == 1:
+        r = groups[0]
+        return _blur(y, k[:, radius - r : radius + r + 1], r)
+    out = torch.empty_like(y)
+    for r in groups:
+        idx = (radii == r).nonzero().flatten()
+        taps = k.index_select(0, idx)[:, radius - r : radius + r + 1]
+        out.index_copy_(0, idx, _blur(y.index_select(0, idx), taps, r))
+    return out
 
 
 def _blur(y: torch.Tensor, k: torch.Tensor, radius: int) -> torch.Tensor:
@@ -271,14 +261,16 @@ def gaussian_blur(
     """Per-image Gaussian blur, sigma ~ U(sigma), applied with probability p.
 
     DINO blurs 224 px crops with radius U(0.1, 2); for smaller crops sigma is scaled by
-    size / 224 so the blur covers the same fraction of the image.
+    size / 224 so the blur covers the same fraction of the image. Each image's kernel spans
+    +-ceil(3 sigma) pixels (torchvision's `gaussian_blur` at that kernel size, reflect
+    padding).
     """
     if p <= 0:
         return x
     apply = _bernoulli(x.shape[0], p, x.device, generator)
     u = torch.rand(x.shape[0], device=x.device, generator=generator)
-    k, radius = _blur_kernels(u, x.shape[-2], sigma, x.dtype)
-    return _on_subset(x, apply, lambda y, idx: _blur(y, k[idx], radius))
+    k, radii, radius = _blur_kernels(u, x.shape[-2], sigma, x.dtype)
+    return _on_subset(x, apply, lambda y, idx: _blur_each(y, k[idx], radii[idx], radius))
 
 
 def random_solarize(x: torch.Tensor, p: float, threshold: float = 0.5, generator=None):
@@ -395,17 +387,17 @@ class MultiCrop:
             solarize = _bernoulli(b, recipe.solarize_p, dev, generator)
         return ViewDraw(boxes, flip, jitter_u, jitter, gray, blur, sigma_u, solarize)
 
-    def view(self, xt: torch.Tensor, recipe: ViewRecipe, generator=None) -> torch.Tensor:
-        """One view of float images in [0, 1] stored transposed, xt [B, 3, W, H] (see
-        `__call__`): the same result as `random_resized_crop`, `random_hflip`,
+    def view(self, src: torch.Tensor, recipe: ViewRecipe, generator=None) -> torch.Tensor:
+        """One view of a batch `src` [B, 3, H, W], uint8 or float in [0, 1] (see `__call__`):
+        the same result as `random_resized_crop`, `to_float`, `random_hflip`,
         `color_jitter`, `random_grayscale`, `gaussian_blur`, `random_solarize`, `normalize`
-        in turn with the same generator (tested), in fewer passes: the crop is two 1-D passes
-        with the flip folded in, colour steps are per-image scalars and 3x3 matrices applied
-        in place (identity for images that did not draw jitter), rarer steps run on the
-        images that drew them only, and on the CPU each chunk of images goes through every
-        step while it is in the cache."""
-        b, size, dev, dt = xt.shape[0], recipe.size, xt.device, xt.dtype
-        d = self.draw(b, xt.shape[3], xt.shape[2], recipe, dev, generator)
+        in turn with the same generator (tested), in fewer passes: the flip is folded into
+        the crop, colour steps are per-image scalars and 3x3 matrices applied in place
+        (identity for images that did not draw jitter), rarer steps run on the images that
+        drew them only, and on the CPU each chunk of images goes through every step while
+        it is in the cache."""
+        b, size, dev, dt = src.shape[0], recipe.size, src.device, torch.float32
+        d = self.draw(b, src.shape[2], src.shape[3], recipe, dev, generator)
         bri, con, sat, hue = self.jitter
         u, on, one = d.jitter_u.to(dt), d.jitter, torch.ones((), device=dev, dtype=dt)
         bright = torch.where(on, 1 + bri * u[:, 0], one).view(-1, 1, 1, 1) if bri else None
@@ -418,14 +410,14 @@ class MultiCrop:
             rot = _hue_matrix(u[:, 3] * hue * 2 * math.pi)
             matrices.append(torch.where(on.view(-1, 1, 1), rot, eye))
         if d.blur is not None:
-            kernels, radius = _blur_kernels(d.sigma_u, size, BLUR_SIGMA, dt)
+            kernels, radii, radius = _blur_kernels(d.sigma_u, size, BLUR_SIGMA, dt)
         gray_w = torch.tensor(GRAY_WEIGHTS, device=dev, dtype=dt).view(1, 1, 3)
         mean = torch.tensor(self.mean, device=dev, dtype=dt).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=dev, dtype=dt).view(1, 3, 1, 1)
-        per_image = 3 * size * max(size, xt.shape[3])  # the crop's first pass: size x H
+        per_image = 3 * size * size
         chunk = b if dev.type != "cpu" else max(1, _CPU_CHUNK_FLOATS // per_image)
-        out = _new_output((b, 3, size, size), xt)
-        buf = xt.new_empty(min(chunk, b), 3, size, size) if matrices else None
+        out = _new_output((b, 3, size, size), torch.empty(0, device=dev, dtype=dt))
+        buf = out.new_empty(min(chunk, b), 3, size, size) if matrices else None
         jitter_any = bool(on.any()) and any(self.jitter)
 
         def drawn(flags: torch.Tensor) -> torch.Tensor:
@@ -433,7 +425,9 @@ class MultiCrop:
 
         for lo in range(0, b, chunk):
             sl = slice(lo, min(lo + chunk, b))
-            y = _crop_separable(xt[sl], d.boxes[sl].to(dt), size, d.flip[sl], out[sl])
+            y = resized_crops(src[sl], d.boxes[sl], size, d.flip[sl], out[sl])
+            if src.dtype == torch.uint8:
+                y.div_(255.0)  # `to_float` of the uint8 crop
             if jitter_any and bool(on[sl].any()):
                 if bright is not None:
                     y.mul_(bright[sl]).clamp_(0, 1)
@@ -448,7 +442,8 @@ class MultiCrop:
                 g = torch.matmul(gray_w, y.index_select(0, idx).view(len(idx), 3, -1))
                 y.index_copy_(0, idx, g.view(-1, 1, size, size).expand(-1, 3, -1, -1))
             if d.blur is not None and len(idx := drawn(d.blur[sl])):
-                z = _blur(y.index_select(0, idx), kernels[sl].index_select(0, idx), radius)
+                k, r = kernels[sl].index_select(0, idx), radii[sl].index_select(0, idx)
+                z = _blur_each(y.index_select(0, idx), k, r, radius)
                 y.index_copy_(0, idx, z)
             if d.solarize is not None and len(idx := drawn(d.solarize[sl])):
                 z = y.index_select(0, idx)
@@ -458,9 +453,10 @@ class MultiCrop:
 
     @no_autocast
     def __call__(self, images: torch.Tensor, generator=None) -> list[torch.Tensor]:
-        # Transposed once for all views: the crops' first pass then gathers whole rows.
-        xt = to_float(images.transpose(2, 3).contiguous())
-        return [self.view(xt, r, generator) for r in self.views]
+        # uint8 on the CPU: cropped in uint8 (channels-last once for all views, the fast
+        # path), then made float. Elsewhere float first (CUDA has no uint8 antialiased resize).
+        src = _fast_layout(images) if images.device.type == "cpu" else to_float(images)
+        return [self.view(src, r, generator) for r in self.views]
 
 
 class EvalTransform:
@@ -497,8 +493,7 @@ class TrainTransform:
 
     @no_autocast
     def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        x = to_float(images)
-        x = random_resized_crop(x, self.size, self.scale, generator=generator)
+        x = to_float(random_resized_crop(images, self.size, self.scale, generator=generator))
         x = random_hflip(x, self.flip_p, generator)
         x = color_jitter(x, *self.jitter, p=self.jitter_p, generator=generator)
         return normalize(x, self.mean, self.std)

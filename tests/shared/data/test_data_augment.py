@@ -39,59 +39,88 @@ def test_identical_images_get_different_crops():
     assert torch.equal(y, again)  # the generator fixes every draw
 
 
-@pytest.mark.parametrize("size", [16, 24, 40])
-def test_full_crop_is_bilinear_resize(size):
+@pytest.mark.parametrize("size", [8, 16, 24, 40])
+def test_full_crop_is_antialiased_bilinear_resize(size):
     """scale (1, 1), ratio (1, 1): the box is the image, so the crop is a plain resize."""
     x = _rand(3, 3, 16, 16)
     y = A.random_resized_crop(x, size, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=_gen())
-    ref = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    ref = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=0)
     if size == 16:
         torch.testing.assert_close(y, x, atol=1e-6, rtol=0)  # same size: the identity
+    if size == 8:  # halving averages a 4-pixel triangle window per axis (1, 3, 3, 1) / 8
+        w = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
+        pad = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        manual = torch.einsum("ncyxab,a,b->ncyx", pad.unfold(2, 4, 2).unfold(3, 4, 2), w, w)
+        torch.testing.assert_close(y[..., 1:-1, 1:-1], manual[..., 1:-1, 1:-1], atol=1e-6, rtol=0)
 
 
-def test_full_crop_halving_averages_pixels():
-    x = _rand(2, 3, 16, 16)
-    y = A.random_resized_crop(x, 8, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    torch.testing.assert_close(y, F.avg_pool2d(x, 2), atol=1e-6, rtol=0)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("size", [7, 16, 24, 50])  # shrinking 4x ... enlarging 2x
+def test_crops_equal_torchvision_resized_crop(dtype, size):
+    """Every box (tiny to the whole image, at the borders) and flip against torchvision's
+    `resized_crop` + `horizontal_flip` of that image, for uint8 (the loader's path) and float."""
+    h, w = 26, 30
+    x = _rand(40, 3, h, w, seed=4)
+    x = (x * 255).to(torch.uint8) if dtype == torch.uint8 else x
+    boxes = A.random_resized_crop_boxes(36, h, w, (0.02, 1.0), generator=_gen(9))
+    edges = torch.tensor([[0, 0, w, h], [0, 0, 1, 2], [w - 3, h - 1, w, h], [2, 0, 9, h]])
+    boxes = torch.cat([boxes, edges])
+    flip = torch.rand(40, generator=_gen(10)) < 0.5
+    got = A.resized_crops(x.contiguous(memory_format=torch.channels_last), boxes, size, flip)
+    assert got.dtype == dtype and got.shape == (40, 3, size, size)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        ref = TF.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size],
+                              interpolation=TF.InterpolationMode.BILINEAR, antialias=True)  # fmt: skip
+        ref = TF.horizontal_flip(ref) if flip[i] else ref
+        torch.testing.assert_close(got[i], ref, atol=1e-6, rtol=0)
 
 
-def test_crop_of_a_box_is_that_region():
-    """A box that is a whole-pixel block of the image, resized to its own size, copies it."""
-    x = _rand(1, 3, 20, 20)
-    boxes = torch.tensor([[0.0, 4.0, 6.0, 14.0, 16.0]])  # (batch idx, x1, y1, x2, y2)
-    from torchvision.ops import roi_align
+def test_crop_of_a_box_at_its_own_size_is_that_region():
+    x = (_rand(2, 3, 20, 20) * 255).to(torch.uint8)
+    boxes = torch.tensor([[4, 6, 14, 16], [0, 0, 10, 10]])
+    y = A.resized_crops(x, boxes, 10)
+    assert torch.equal(y[0], x[0, :, 6:16, 4:14]) and torch.equal(y[1], x[1, :, :10, :10])
 
-    y = roi_align(x, boxes, (10, 10), 1.0, 0, True)
-    torch.testing.assert_close(y[0], x[0, :, 6:16, 4:14], atol=1e-6, rtol=0)
+
+def test_uint8_crop_is_the_float_crop_rounded():
+    """The uint8 path (what MultiCrop runs on the CPU) is the float crop to +-1 level."""
+    x = (_rand(8, 3, 40, 40, seed=5) * 255).to(torch.uint8)
+    boxes = A.random_resized_crop_boxes(8, 40, 40, (0.05, 1.0), generator=_gen(6))
+    u8 = A.resized_crops(x.contiguous(memory_format=torch.channels_last), boxes, 24)
+    f32 = A.resized_crops(x.float(), boxes, 24)
+    assert (u8.float() - f32).abs().max() <= 1.01  # fixed-point weights: a hair over 1
 
 
 def test_boxes_inside_image():
     h, w = 30, 50  # large scales on a wide image: many boxes must be shrunk to fit
     boxes = A.random_resized_crop_boxes(2000, h, w, (0.08, 1.0), (3 / 4, 4 / 3), generator=_gen(2))
+    assert boxes.dtype == torch.int64
     x1, y1, x2, y2 = boxes.unbind(1)
-    eps = 1e-4
-    assert (x1 >= -eps).all() and (y1 >= -eps).all()
-    assert (x2 <= w + eps).all() and (y2 <= h + eps).all()
-    assert ((x2 - x1) > 0).all() and ((y2 - y1) > 0).all()
-    assert ((y2 - y1) > h - eps).any()  # some hit the image height
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all() and (y2 <= h).all()
+    assert ((x2 - x1) >= 1).all() and ((y2 - y1) >= 1).all()
+    assert ((y2 - y1) == h).any()  # some hit the image height
+    assert (x1 == 0).any() and (x2 == w).any()  # every fitting position can be drawn
 
 
 def test_boxes_area_and_aspect_within_range():
     side, scale, ratio = 40, (0.2, 0.6), (3 / 4, 4 / 3)  # every such box fits in 40 x 40
     boxes = A.random_resized_crop_boxes(4000, side, side, scale, ratio, generator=_gen(3))
     x1, y1, x2, y2 = boxes.unbind(1)
-    bw, bh, eps = x2 - x1, y2 - y1, 1e-4
+    bw, bh = (x2 - x1).double(), (y2 - y1).double()
     assert (bw < side).all() and (bh < side).all()
+    # sides are rounded to whole pixels: up to half a pixel each from the drawn real box
     frac = bw * bh / side**2
-    assert frac.min() >= scale[0] - eps and frac.max() <= scale[1] + eps
+    slack = (0.5 * (bw + bh) + 0.25) / side**2
+    assert (frac >= scale[0] - slack).all() and (frac <= scale[1] + slack).all()
     aspect = bw / bh
-    assert aspect.min() >= ratio[0] - eps and aspect.max() <= ratio[1] + eps
+    lo, hi = (bw - 0.5) / (bh + 0.5), (bw + 0.5) / (bh - 0.5)
+    assert (hi >= ratio[0]).all() and (lo <= ratio[1]).all()
     # area ~ U(scale), log aspect ~ U(log ratio): means in the middle of the ranges
     assert abs(frac.mean().item() - 0.4) < 0.01
     assert abs(aspect.log().mean().item()) < 0.01
     # positions spread over the free space
-    assert (x1 >= -eps).all() and (x2 <= side + eps).all() and x1.std() > 1 and y1.std() > 1
+    assert x1.double().std() > 1 and y1.double().std() > 1
 
 
 def test_hflip_per_image():
@@ -184,6 +213,24 @@ def test_blur_matches_torchvision_kernel():
     assert torch.equal(A.gaussian_blur(x, p=0.0), x)
 
 
+def test_blur_per_image_sigma_and_radius_match_torchvision():
+    """Each image blurred with its own drawn sigma, kernel cut at ceil(3 sigma): torchvision's
+    blur at that sigma and kernel size, image by image (some images skipped by p)."""
+    x = _rand(12, 3, 96, 96, seed=3)
+    y = A.gaussian_blur(x, p=0.7, sigma=(0.1, 2.0), generator=_gen(4))
+    g = _gen(4)  # the draws, in gaussian_blur's order: apply, then sigma
+    apply = torch.rand(12, generator=g) < 0.7
+    sigma = (0.1 + 1.9 * torch.rand(12, generator=g)) * 96 / 224
+    assert 0 < apply.sum() < 12 and len(set(torch.ceil(3 * sigma).tolist())) > 1
+    for i in range(12):
+        if not apply[i]:
+            assert torch.equal(y[i], x[i])
+            continue
+        s, r = sigma[i].item(), max(1, math.ceil(3 * sigma[i].item()))
+        ref = TF.gaussian_blur(x[i], kernel_size=[2 * r + 1] * 2, sigma=[s, s])
+        torch.testing.assert_close(y[i], ref, atol=1e-5, rtol=0)
+
+
 # --- views -------------------------------------------------------------------------------
 
 
@@ -250,9 +297,9 @@ def test_train_transform_shapes_and_range():
 
 
 def _per_op_view(mc: A.MultiCrop, x: torch.Tensor, r: A.ViewRecipe, g) -> torch.Tensor:
-    """One view by the public per-op functions in turn (each tested above against
-    torchvision): the reference for MultiCrop's chunked, in-place path."""
-    y = A.random_resized_crop(x, r.size, r.scale, generator=g)
+    """One view of uint8 images by the public per-op functions in turn (each tested above
+    against torchvision): the reference for MultiCrop's chunked, in-place path."""
+    y = A.to_float(A.random_resized_crop(x, r.size, r.scale, generator=g))
     y = A.random_hflip(y, mc.flip_p, g)
     y = A.color_jitter(y, *mc.jitter, p=mc.jitter_p, generator=g)
     y = A.random_grayscale(y, mc.grayscale_p, g)
@@ -282,7 +329,7 @@ def test_multicrop_equals_the_per_op_functions(monkeypatch, sizes, kwargs, chunk
     images = (_rand(7, 3, stored, stored, seed=11) * 255).to(torch.uint8)
     mc = A.MultiCrop(global_size, local_size, n_local, **kwargs)
     views = mc(images, generator=_gen(5))
-    g, x = _gen(5), A.to_float(images)
+    g, x = _gen(5), images
     ref = [_per_op_view(mc, x, r, g) for r in mc.views]
     assert len(views) == len(ref) == 2 + n_local
     for v, r in zip(views, ref):
@@ -304,26 +351,6 @@ def test_multicrop_views_differ_per_image_and_per_view():
         flat = v.flatten(1)
         assert torch.cdist(flat, flat)[~torch.eye(4, dtype=torch.bool)].min() > 1e-3
     assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[2], views[3])
-
-
-@pytest.mark.parametrize("size", [7, 16, 24, 50])  # 3 samples per pixel ... enlarging 2x
-def test_separable_crop_equals_roi_align(size):
-    """The two-pass crop MultiCrop uses gives roi_align's values (aligned, adaptive sampling),
-    for boxes from tiny to the whole image, at the borders, mirrored when flipped."""
-    from torchvision.ops import roi_align
-
-    h, w = 26, 30
-    x = _rand(40, 3, h, w, seed=4)
-    boxes = A.random_resized_crop_boxes(36, h, w, (0.02, 1.0), generator=_gen(9))
-    edges = torch.tensor([[0.0, 0.0, w, h], [0.0, 0.0, 1.5, 2.0], [w - 3.3, h - 1.7, w, h],
-                          [2.25, 0.0, 9.0, h]])  # fmt: skip
-    boxes = torch.cat([boxes, edges])
-    flip = torch.rand(40, generator=_gen(10)) < 0.5
-    rois = torch.cat([torch.arange(40.0)[:, None], boxes], 1)
-    ref = roi_align(x, rois, (size, size), 1.0, 0, True)
-    ref = torch.where(flip.view(-1, 1, 1, 1), ref.flip(-1), ref)
-    got = A._crop_separable(x.transpose(2, 3).contiguous(), boxes, size, flip)
-    torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
 
 
 class _MultiCropInWorker(torch.utils.data.Dataset):
