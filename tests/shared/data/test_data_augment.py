@@ -70,8 +70,8 @@ def test_crops_equal_torchvision_resized_crop(dtype, size):
     got = A.resized_crops(x.contiguous(memory_format=torch.channels_last), boxes, size, flip)
     assert got.dtype == dtype and got.shape == (40, 3, size, size)
     for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-        ref = TF.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size],
-                              interpolation=TF.InterpolationMode.BILINEAR, antialias=True)  # fmt: skip
+        mode = TF.InterpolationMode.BILINEAR
+        ref = TF.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size], mode, antialias=True)
         ref = TF.horizontal_flip(ref) if flip[i] else ref
         torch.testing.assert_close(got[i], ref, atol=1e-6, rtol=0)
 
