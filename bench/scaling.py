@@ -151,7 +151,7 @@ def run_case(case: dict) -> dict:
             t0 = time.perf_counter()
             sims, idx = knn_search(x, x, SWEEP_K, **opts)
             t1 = time.perf_counter()
-            res = threshold_sweep(sims, idx, labels, SWEEP_THRESHOLDS)
+            res = threshold_sweep(sims, idx, labels, SWEEP_THRESHOLDS, threads=case["threads"])
             t2 = time.perf_counter()
             out = {"best_f1": res.best_f1, "best_threshold": res.best_threshold,
                    "f1": res.f1.tolist(), "neighbours": idx[:RECALL_ROWS]}  # fmt: skip

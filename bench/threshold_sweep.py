@@ -12,7 +12,8 @@ k = 51 self-search, shared by every method and not timed). Methods:
                       written out (on a subset of rows, against the vectorised sweep of the
                       same rows)
 
-The vectorised sweep and the loop run at `--thresholds` and at 10x as many. Repetitions are
+The vectorised sweep (on 1 thread, and on `--sweep-threads` threads: row blocks in parallel)
+and the loop run at `--thresholds` and at 10x as many. Repetitions are
 interleaved (each rep runs every method back to back) and the best is reported; `x vec` is
 a method's best time over the vectorised sweep's at the same rows and thresholds. F1,
 precision and recall must agree to 1e-12 between all methods, or the script fails.
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--min2", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method")
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads (the search)")
+    parser.add_argument("--sweep-threads", type=int, default=2,
+                        help="also time the sweep on this many threads (1: skip)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
@@ -126,21 +129,24 @@ def main() -> None:
     subset = np.random.default_rng(1).choice(args.rows, args.naive_rows, replace=False)
     grids = {n: np.linspace(0.3, 0.99, n) for n in (args.thresholds, 10 * args.thresholds)}
 
-    def sweep(n_thr):
-        res = threshold_sweep(sims, idx, labels, grids[n_thr], min2=args.min2)
+    def sweep(n_thr, threads=1):
+        res = threshold_sweep(sims, idx, labels, grids[n_thr], min2=args.min2, threads=threads)
         return res.f1, res.precision, res.recall
 
     # (method, rows, thresholds) -> callable returning (f1, precision, recall)
     methods = {}
     for n_thr in grids:
         methods["vectorised", args.rows, n_thr] = lambda n_thr=n_thr: sweep(n_thr)
+        if args.sweep_threads > 1:
+            key = (f"vectorised {args.sweep_threads} thr", args.rows, n_thr)
+            methods[key] = lambda n_thr=n_thr: sweep(n_thr, args.sweep_threads)
         methods["per-threshold loop", args.rows, n_thr] = lambda n_thr=n_thr: per_threshold_loop(
             sims, idx, labels, grids[n_thr], args.min2
         )
     thr = grids[args.thresholds]
     methods["vectorised", args.naive_rows, args.thresholds] = lambda: (
         threshold_sweep(
-            sims[subset], idx[subset], labels, thr, query_ids=subset, min2=args.min2
+            sims[subset], idx[subset], labels, thr, query_ids=subset, min2=args.min2, threads=1
         ).f1,
     )
     sweep(args.thresholds)  # compile (or load numba's cache) outside the timing
@@ -166,6 +172,11 @@ def main() -> None:
         diffs[f"loop_vs_vectorised_{n_thr}"] = float(
             max(np.abs(a - b).max() for a, b in zip(vec, loop, strict=True))
         )
+        if args.sweep_threads > 1:
+            par = answers[f"vectorised {args.sweep_threads} thr", args.rows, n_thr]
+            diffs[f"threads_vs_one_{n_thr}"] = float(
+                max(np.abs(a - b).max() for a, b in zip(vec, par, strict=True))
+            )
     sub_vec = answers["vectorised", args.naive_rows, args.thresholds][0]
     naive = answers["naive python", args.naive_rows, args.thresholds][0]
     diffs["naive_vs_vectorised_subset"] = float(np.abs(sub_vec - naive).max())
@@ -178,10 +189,10 @@ def main() -> None:
         rows.append({
             "method": method, "rows": n_rows, "thresholds": n_thr, "reps": len(ts),
             "best_ms": round(min(ts) * 1e3, 2), "median_ms": round(statistics.median(ts) * 1e3, 2),
-            "x_vectorised": round(min(ts) / base, 1),
+            "x_vectorised": round(min(ts) / base, 2),
         })  # fmt: skip
     rows.sort(key=lambda r: (-r["rows"], r["thresholds"], r["method"] != "vectorised"))
-    best = threshold_sweep(sims, idx, labels, thr, min2=args.min2)
+    best = threshold_sweep(sims, idx, labels, thr, min2=args.min2, threads=1)
     elapsed = time.perf_counter() - t_start
 
     print(f"\nk={K}, min2={args.min2}, best of {args.repeats} interleaved runs (naive: 1 run)")
@@ -192,13 +203,22 @@ def main() -> None:
     )
     for r in rows:
         print(f"{r['method']:<20}{r['rows']:>7}{r['thresholds']:>12}{r['best_ms']:>10.1f}"
-              f"{r['median_ms']:>11.1f}{r['x_vectorised']:>7.1f}x")  # fmt: skip
+              f"{r['median_ms']:>11.1f}{r['x_vectorised']:>7.2f}x")  # fmt: skip
+    speedups = {}
+    for n_thr in grids:
+        loop = min(times["per-threshold loop", args.rows, n_thr])
+        for name in [m for m, r, t in times if r == args.rows and t == n_thr and "vector" in m]:
+            speedups[f"{name}, {n_thr} thresholds"] = round(
+                loop / min(times[name, args.rows, n_thr]), 1
+            )
+    print("per-threshold loop / sweep: " + ", ".join(f"{v}x ({k})" for k, v in speedups.items()))
     print(f"best F1 {best.best_f1:.4f} at threshold {best.best_threshold:.3f}")
     print(f"max |difference| between methods: {max(diffs.values()):.1e}")
     print(f"total {elapsed:.0f} s")
     write_results(
         args, elapsed,
         {"k": K, "search_seconds": round(search_s, 3), "methods": rows, "max_abs_diff": diffs,
+         "loop_over_sweep": speedups,
          "best_threshold": best.best_threshold, "best_f1": best.best_f1},
         numpy=np.__version__, faiss=faiss.__version__,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,7 @@ def threshold_sweep(
     query_ids: Any = None,
     min2: float | None = None,
     max_neighbours: int = MAX_NEIGHBOURS,
+    threads: int | None = None,
 ) -> SweepResult:
     """Shopee F1, precision and recall of "match if sim >= t" for every threshold t at once.
 
@@ -188,7 +190,8 @@ def threshold_sweep(
     O(N k + T), not O(N k T): a row's scores change only where its candidates, taken in
     similarity order, cross a threshold, so one walk down each row (`_sweep_rows`) adds
     each change to a histogram over the sorted thresholds, and a cumulative sum from the
-    top gives every threshold's total at once.
+    top gives every threshold's total at once. Blocks of rows run on up to `threads` threads
+    (default: the CPUs this process may use; one thread per 250k neighbour entries at most).
     """
     y = _numpy(labels).reshape(-1)
     thr = _numpy(thresholds).astype(np.float64).reshape(-1)
@@ -210,17 +213,10 @@ def threshold_sweep(
     max_n = int(min(max_neighbours, s_all.shape[1]))
     with np.errstate(divide="ignore"):  # 1 / n for every count a score can divide by
         inverse = 1.0 / np.arange(max_n + int(counts.max()) + 3, dtype=np.float64)
-    # hist[j]: summed score change (F1, precision, recall) of the rows whose predictions grow
-    # between sorted thresholds j and j - 1; base: every row's score at no candidate.
-    hist = np.zeros((thr.size + 1, 3))
-    base = np.zeros(3)
     s_all, ix_all = _in_similarity_order(
         np.ascontiguousarray(s_all), np.ascontiguousarray(ix_all), self_ids
     )
-    status = _sweep_rows(
-        s_all,
-        ix_all,
-        self_ids,
+    shared = (
         codes.reshape(-1).astype(np.int64, copy=False),
         counts.astype(np.int64, copy=False),
         sorted_thr,
@@ -229,16 +225,34 @@ def threshold_sweep(
         -np.inf if min2 is None else float(min2),
         min2 is not None,
         max_n,
-        hist,
-        base,
     )
-    if status == _NAN:
+
+    def sweep_block(lo: int, hi: int) -> tuple[int, np.ndarray, np.ndarray]:
+        # hist[j]: summed score change (F1, precision, recall) of the rows whose predictions
+        # grow between sorted thresholds j and j - 1; base: every row's score no threshold
+        # changes (no candidate, or min2's one).
+        hist, base = np.zeros((thr.size + 1, 3)), np.zeros(3)
+        rows = slice(lo, hi)
+        status = _sweep_rows(s_all[rows], ix_all[rows], self_ids[rows], *shared, hist, base)
+        return status, hist, base
+
+    n_rows = s_all.shape[0]
+    workers = _sweep_threads(threads, s_all.size)
+    bounds = np.linspace(0, n_rows, workers + 1).astype(int)
+    if workers == 1:
+        blocks = [sweep_block(0, n_rows)]
+    else:  # the compiled pass releases the GIL: row blocks run in parallel
+        with ThreadPoolExecutor(workers) as pool:
+            blocks = list(pool.map(sweep_block, bounds[:-1], bounds[1:]))
+    statuses = {status for status, _, _ in blocks}
+    if _NAN in statuses:
         raise ValueError("sims hold NaN for a neighbour")
-    if status == _OUT_OF_RANGE:
+    if _OUT_OF_RANGE in statuses:
         raise ValueError(f"an index is out of range for a gallery of {n_gallery}")
+    hist = sum(h for _, h, _ in blocks)
+    base = sum(b for _, _, b in blocks)
 
     out = {}
-    n_rows = s_all.shape[0]
     for name, b, h in zip(("f1", "precision", "recall"), base, hist.T, strict=True):
         above = np.cumsum(h[::-1])[::-1][1:]  # sorted threshold j: sum of h[j + 1:]
         out[name] = np.empty(thr.size)
@@ -247,6 +261,15 @@ def threshold_sweep(
 
 
 _OK, _NAN, _OUT_OF_RANGE = 0, 1, 2
+_ENTRIES_PER_THREAD = 250_000  # below this a thread costs more than it saves
+
+
+def _sweep_threads(threads: int | None, entries: int) -> int:
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return max(1, min(threads, entries // _ENTRIES_PER_THREAD))
 
 
 def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, Any, Any]:

@@ -171,6 +171,31 @@ def test_sweep_exact_at_extreme_similarities(dtype, grid):
         np.testing.assert_allclose(getattr(got, key), ref[key], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [2, 5])
+def test_sweep_split_over_threads_equals_one_thread(monkeypatch, threads):
+    """Row blocks on several threads add up to the one-thread sweep (and the brute force);
+    a NaN in any block still raises."""
+    import shared.retrieval.threshold as T
+
+    monkeypatch.setattr(T, "_ENTRIES_PER_THREAD", 10)  # split even this small set
+    sims, idx, labels = random_neighbours(7)
+    thresholds = np.linspace(-0.25, 1.0, 21)
+    one = threshold_sweep(sims, idx, labels, thresholds, min2=0.25, threads=1)
+    many = threshold_sweep(sims, idx, labels, thresholds, min2=0.25, threads=threads)
+    ref = brute_force_sweep(sims, idx, labels, thresholds, min2=0.25)
+    for key in ("f1", "precision", "recall"):
+        np.testing.assert_allclose(getattr(many, key), getattr(one, key), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(getattr(many, key), ref[key], rtol=0, atol=1e-12)
+    bad = sims.copy()
+    bad[-1, :] = np.nan  # the last block only
+    bad_idx = idx.copy()
+    bad_idx[-1, :] = (np.arange(len(labels))[-1] + 1) % len(labels)  # valid, not itself
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_sweep(bad, bad_idx, labels, thresholds, threads=threads)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        threshold_sweep(sims, idx, labels, thresholds, threads=0)
+
+
 def test_nan_similarity_raises():
     _, sims, idx, labels = messy_neighbours(0)
     sims[3, 2] = np.nan
