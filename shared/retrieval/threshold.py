@@ -311,14 +311,14 @@ def _cell(v, scale, shift, top):
 @numba.njit(cache=True, nogil=True)
 def _in_similarity_order(s, ix, self_ids):
     """`s`, `ix` with every row's candidates best first: FAISS rows as they are, any other
-    row after a stable argsort (ties keep their column order; non-candidates go last).
-    Copies only when some row is out of order."""
+    row (or one holding a NaN) after a stable argsort (ties keep their column order;
+    non-candidates go last). Copies only when some row needs it."""
     n_rows, k = s.shape
     out_s, out_ix, copied = s, ix, False
     key = np.empty(k, np.float64)
     for i in range(n_rows):
-        for e in range(1, k):
-            if s[i, e] > s[i, e - 1]:
+        for e in range(k):
+            if s[i, e] != s[i, e] or (e > 0 and s[i, e] > s[i, e - 1]):  # NaN or out of order
                 break
         else:
             continue
@@ -326,8 +326,9 @@ def _in_similarity_order(s, ix, self_ids):
             out_s, out_ix, copied = s.copy(), ix.copy(), True
         own = self_ids[i]
         for e in range(k):
-            j = ix[i, e]
-            key[e] = np.inf if j < 0 or j == own else -s[i, e]
+            j, v = ix[i, e], s[i, e]
+            # NaN candidates first, where the sweep meets them and raises
+            key[e] = np.inf if j < 0 or j == own else (-np.inf if v != v else -v)
         order = np.argsort(key, kind="mergesort")
         out_s[i], out_ix[i] = s[i][order], ix[i][order]
     return out_s, out_ix
@@ -351,16 +352,16 @@ def _sweep_rows(
 
     A row's candidates (its valid other neighbours, the best `max_n`) are walked in
     similarity order (`_in_similarity_order` first). After each candidate joins, the row's
-    scores are recomputed from its counts; the change is added to the candidate's bin, the count of
-    sorted thresholds <= its similarity (thresholds from that bin down predict it).
+    scores are recomputed from its counts, and the change is added to the candidate's bin:
+    the count of sorted thresholds <= its similarity (the thresholds that predict it).
     Returns _OK, _NAN (a candidate's sim is NaN) or _OUT_OF_RANGE (an index >= the
     gallery), for the caller to raise.
     """
     n_rows, k = s.shape
     n_gallery = codes.shape[0]
     top = table.shape[0] - 1
-    # one row's candidates: bin and score changes, scattered into hist after the row (a
-    # store whose address is already known does not stall the next row's loads)
+    # one row's bins and score changes, added to hist after the row's walk (faster than
+    # adding inside it, where each add waits for the table lookup that gives its address)
     bins = np.empty(k, np.int64)
     changes = np.empty((k, 3))
     for i in range(n_rows):

@@ -196,6 +196,16 @@ def test_sweep_split_over_threads_equals_one_thread(monkeypatch, threads):
         threshold_sweep(sims, idx, labels, thresholds, threads=0)
 
 
+def test_nan_in_an_unsorted_row_raises_even_past_the_cap():
+    """A NaN candidate ranks nowhere: it must raise, not be skipped by the max_neighbours
+    cap or the below-every-threshold stop."""
+    sims = np.array([[0.9, 0.1, np.nan, 0.95], [0.8, 0.7, 0.6, 0.5]], np.float32)
+    idx = np.array([[1, 2, 3, 0], [0, 2, 3, 1]])
+    for max_n in (1, 3):
+        with pytest.raises(ValueError, match="NaN"):
+            threshold_sweep(sims, idx, [0, 0, 1, 1], [0.5], query_ids=[0, 1], max_neighbours=max_n)
+
+
 def test_nan_similarity_raises():
     _, sims, idx, labels = messy_neighbours(0)
     sims[3, 2] = np.nan
