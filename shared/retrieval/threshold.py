@@ -217,7 +217,8 @@ def threshold_sweep(
         np.ascontiguousarray(s_all), np.ascontiguousarray(ix_all), self_ids
     )
     shared = (
-        codes.reshape(-1).astype(np.int64, copy=False),
+        # int32: the per-neighbour label lookup is a random read, twice as cache-friendly
+        codes.reshape(-1).astype(np.int32),
         counts.astype(np.int64, copy=False),
         sorted_thr,
         *_bin_table(sorted_thr),
