@@ -183,6 +183,20 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def peer_record(history, t0, losses, first_digest, init_by_seed, dm) -> dict:
+    """What a peer's training loop reports: its evaluations, time, steps (one loss each),
+    first and last loss, and the identity checks' inputs."""
+    return {
+        "history": history,
+        "time_s": round(time.perf_counter() - t0, 1),
+        "steps": len(losses),
+        "loss_first_last": [losses[0], losses[-1]],
+        "first_batch_digest": first_digest,
+        "init_identical_by_seed": init_by_seed,
+        "data": split_digests(dm),
+    }
+
+
 def split_digests(dm) -> dict[str, str]:
     """Digests of the train / evaluation rows and of their pixels: same data on both sides."""
     train, val = (torch.as_tensor(np.asarray(x)) for x in (dm.train_indices, dm.val_indices))

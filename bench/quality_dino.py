@@ -78,11 +78,11 @@ from _quality import (
     eval_every,
     evaluate_with,
     paired_records,
+    peer_record,
     report,
     run_ours,
     run_overrides,
     run_seeds,
-    split_digests,
     states_equal,
 )
 from lightly.loss import DINOLoss
@@ -281,15 +281,7 @@ def run_lightly(cfg, probe) -> dict:
         if epoch + 1 in eval_epochs:
             history.append(evaluate(epoch + 1))
     bar.close()
-    return {
-        "history": history,
-        "time_s": round(time.perf_counter() - t0, 1),
-        "steps": step,
-        "loss_first_last": [losses[0], losses[-1]],
-        "first_batch_digest": first_digest,
-        "init_identical_by_seed": init_by_seed,
-        "data": split_digests(dm),
-    }
+    return peer_record(history, t0, losses, first_digest, init_by_seed, dm)
 
 
 # ---- one seed: both methods ---------------------------------------------------------------

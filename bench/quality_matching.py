@@ -54,11 +54,11 @@ from _quality import (
     eval_every,
     evaluate_with,
     paired_records,
+    peer_record,
     report,
     run_ours,
     run_overrides,
     run_seeds,
-    split_digests,
     states_equal,
 )
 from omegaconf import OmegaConf
@@ -136,7 +136,7 @@ def run_pml(cfg, probe) -> dict:
 
     eval_epochs = {h["epoch"] for h in probe.history if h["epoch"] > 0}
     history = [evaluate(0)]
-    first_digest, step, losses = None, 0, []
+    first_digest, losses = None, []
     bar = tqdm(total=total, desc="pml", unit="step", leave=False)
     for epoch in range(epochs):
         net.train()
@@ -152,20 +152,11 @@ def run_pml(cfg, probe) -> dict:
             opt.step()
             sched.step()
             losses.append(loss.item())
-            step += 1
             bar.update()
         if epoch + 1 in eval_epochs:
             history.append(evaluate(epoch + 1))
     bar.close()
-    return {
-        "history": history,
-        "time_s": round(time.perf_counter() - t0, 1),
-        "steps": step,
-        "loss_first_last": [losses[0], losses[-1]],
-        "first_batch_digest": first_digest,
-        "init_identical_by_seed": init_by_seed,
-        "data": split_digests(dm),
-    }
+    return peer_record(history, t0, losses, first_digest, init_by_seed, dm)
 
 
 def run_seed(seed: int, args, tmp: Path) -> tuple[dict, dict, dict]:

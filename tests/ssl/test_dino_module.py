@@ -13,6 +13,14 @@ from shared.data.sources import SyntheticSource
 SMALL_CROPS = dict(global_size=32, local_size=16, n_local=2)
 
 
+def small_dino(backbone: str = "test_resnet", **kwargs) -> DINOModule:
+    """A DINO module with a small head and 32/16 px crops, for fast CPU fits."""
+    return DINOModule(
+        backbone={"name": backbone}, out_dim=32, hidden_dim=16, bottleneck_dim=8,
+        multicrop=SMALL_CROPS, **kwargs,
+    )  # fmt: skip
+
+
 def tiny_datamodule(tmp_path):
     source = SyntheticSource(
         num_families=3, groups_per_family=2, min_instances=3, max_instances=4, image_size=32
@@ -113,13 +121,7 @@ def test_dino_step_mechanics(tmp_path, backbone):
 
 
 def test_teacher_is_a_copy_not_a_reference():
-    module = DINOModule(
-        backbone={"name": "resnet18"},
-        out_dim=32,
-        hidden_dim=16,
-        bottleneck_dim=8,
-        multicrop=SMALL_CROPS,
-    )
+    module = small_dino("resnet18")
     s = dict(module.student_backbone.named_parameters())
     for name, t in module.teacher_backbone.named_parameters():
         assert t.data_ptr() != s[name].data_ptr() and torch.equal(t, s[name])
@@ -150,14 +152,7 @@ def _fit_one_batch(module, tmp_path, **trainer_kwargs):
 @pytest.mark.parametrize("augment_in", ["auto", "loader", "device"])
 def test_augment_in_routes_multicrop(tmp_path, augment_in):
     """auto on the CPU and loader: the loader hands over ready views; device: uint8 images."""
-    module = DINOModule(
-        backbone={"name": "test_resnet"},
-        out_dim=32,
-        hidden_dim=16,
-        bottleneck_dim=8,
-        multicrop=SMALL_CROPS,
-        augment_in=augment_in,
-    )
+    module = small_dino(augment_in=augment_in)
     probe, dm = _fit_one_batch(module, tmp_path)
     if augment_in == "device":
         assert probe.keys == [{"images", "labels", "index"}]
@@ -170,14 +165,7 @@ def test_augment_in_routes_multicrop(tmp_path, augment_in):
 def test_augment_in_checks(tmp_path):
     with pytest.raises(ValueError, match="module.augment_in"):
         DINOModule(backbone={"name": "test_resnet"}, augment_in="workers")
-    module = DINOModule(
-        backbone={"name": "test_resnet"},
-        out_dim=32,
-        hidden_dim=16,
-        bottleneck_dim=8,
-        multicrop=SMALL_CROPS,
-        augment_in="loader",
-    )
+    module = small_dino(augment_in="loader")
     dm = tiny_datamodule(tmp_path)
     dm.setup()
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, logger=False, accelerator="cpu")
@@ -208,13 +196,7 @@ def test_logged_rows_keep_every_training_value(tmp_path):
 
     from lightning.pytorch.loggers import CSVLogger
 
-    module = DINOModule(
-        backbone={"name": "test_resnet"},
-        out_dim=32,
-        hidden_dim=16,
-        bottleneck_dim=8,
-        multicrop=SMALL_CROPS,
-    )
+    module = small_dino()
     trainer = cpu_trainer(
         max_epochs=2,
         limit_train_batches=3,
