@@ -207,18 +207,15 @@ def threshold_sweep(
     n_gallery = y.shape[0]
     self_ids = _self_ids(s_all.shape[0], n_gallery, query_ids)
 
-    _, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
+    codes, counts = _label_codes(y)
     order = np.argsort(thr, kind="stable")
     sorted_thr = _ceil_to(thr[order], s_all.dtype)
     max_n = int(min(max_neighbours, s_all.shape[1]))
     with np.errstate(divide="ignore"):  # 1 / n for every count a score can divide by
         inverse = 1.0 / np.arange(max_n + int(counts.max()) + 3, dtype=np.float64)
-    s_all, ix_all = _in_similarity_order(
-        np.ascontiguousarray(s_all), np.ascontiguousarray(ix_all), self_ids
-    )
+    s_all, ix_all = np.ascontiguousarray(s_all), np.ascontiguousarray(ix_all)
     shared = (
-        # int32: the per-neighbour label lookup is a random read, twice as cache-friendly
-        codes.reshape(-1).astype(np.int32),
+        codes,  # int32: the per-neighbour label lookup is a random read
         counts.astype(np.int64, copy=False),
         sorted_thr,
         *_bin_table(sorted_thr),
@@ -261,6 +258,18 @@ def threshold_sweep(
     return SweepResult(thr, out["f1"], out["precision"], out["recall"], int(np.argmax(out["f1"])))
 
 
+def _label_codes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 codes that are equal where labels are, and each code's group size.
+
+    Small non-negative integer labels (the usual label_group codes) are their own codes,
+    counted in one pass; anything else goes through np.unique's sort.
+    """
+    if y.dtype.kind in "iu" and y.size and y.min() >= 0 and y.max() < 4 * y.size + 1024:
+        return y.astype(np.int32), np.bincount(y)
+    _, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
+    return codes.reshape(-1).astype(np.int32), counts
+
+
 _OK, _NAN, _OUT_OF_RANGE = 0, 1, 2
 _ENTRIES_PER_THREAD = 250_000  # below this a thread costs more than it saves
 
@@ -273,151 +282,150 @@ def _sweep_threads(threads: int | None, entries: int) -> int:
     return max(1, min(threads, entries // _ENTRIES_PER_THREAD))
 
 
-def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, Any, Any]:
-    """A lookup table that makes `searchsorted(sorted_thr, v, "right")` one multiply-add.
+def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+    """Lookup tables that make `searchsorted(sorted_thr, v, "right")` a multiply-add, a
+    clamp and two reads, with no branch.
 
-    The thresholds' range is cut into 64 cells per threshold; `_cell` maps a value to its
-    cell monotonically (a rounded multiply-add cannot reorder values), so a value and a
-    threshold in different cells compare as their cells do. The table holds each cell's
-    count of thresholds below it, or -1 for a cell that holds a threshold, whose values are
-    binary-searched. Returns (table, scale, shift), the last two of `sorted_thr`'s dtype.
+    The thresholds' range is cut into 64 cells per threshold. A value's cell is
+    `clamp(v * scale + shift, 0, top)` truncated: a rounded multiply-add cannot reorder
+    values, so a value and a threshold in different cells compare as their cells do.
+    `below[c]` counts the thresholds in cells under c; `inside[c]` is the one threshold in
+    cell c (+inf if none), which a value of that cell passes or not. A cell holding two or
+    more thresholds is marked `below = -1` and searched. Returns (below, inside, scale,
+    shift), the last three of `sorted_thr`'s dtype; scale 0 when no map is usable (every
+    cell marked).
     """
     dt = sorted_thr.dtype.type
-    cells = min(64 * len(sorted_thr), 1 << 20)
+    cells = min(64 * len(sorted_thr), 1 << 20)  # exact in float32: cell numbers < 2**24
     spread = float(sorted_thr[-1]) - float(sorted_thr[0])
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         scale = dt(cells / spread) if spread > 0 else dt(0)
         shift = dt(2.0 - float(sorted_thr[0]) * float(scale))
     top = cells + 3
+    inside = np.full(top + 1, np.inf, sorted_thr.dtype)
     if not (np.isfinite(scale) and np.isfinite(shift) and scale > 0):
-        return np.full(top + 1, -1, np.int64), dt(0), dt(0)  # no usable map: search all
-    thr_cells = _cells(sorted_thr, scale, shift, top)
-    table = np.searchsorted(thr_cells, np.arange(top + 1), side="left").astype(np.int64)
-    table[thr_cells] = -1
-    return table, scale, shift
+        return np.full(top + 1, -1, np.int64), inside, dt(0), dt(0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        thr_cells = np.clip(sorted_thr * scale + shift, 0, top).astype(np.int64)
+    below = np.searchsorted(thr_cells, np.arange(top + 1), side="left").astype(np.int64)
+    held = np.bincount(thr_cells, minlength=top + 1)
+    inside[thr_cells] = sorted_thr  # right where a cell holds one threshold
+    below[held > 1] = -1
+    return below, inside, scale, shift
 
 
 @numba.njit(cache=True, nogil=True)
-def _cell(v, scale, shift, top):
-    """The lookup-table cell of a value, in [0, top] (-inf -> 0, +inf -> top; with scale 0,
-    where inf gives NaN, cell 0, whose table entry is then -1 like every other)."""
-    c = v * scale + shift
-    if c >= top:
-        return top
-    if c > 0:
-        return int(c)
-    return 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _in_similarity_order(s, ix, self_ids):
-    """`s`, `ix` with every row's candidates best first: FAISS rows as they are, any other
-    row (or one holding a NaN) after a stable argsort (ties keep their column order;
-    non-candidates go last). Copies only when some row needs it."""
-    n_rows, k = s.shape
-    out_s, out_ix, copied = s, ix, False
-    key = np.empty(k, np.float64)
-    for i in range(n_rows):
-        for e in range(k):
-            if s[i, e] != s[i, e] or (e > 0 and s[i, e] > s[i, e - 1]):  # NaN or out of order
-                break
+def _sorted_candidates(s_row, ix_row, own, codes, code, max_n, vs, tr, key):
+    """A row that is not in similarity order: its candidates, best first (a stable sort,
+    ties keep their column order), the best `max_n` written to vs / tr. Returns how many,
+    or -1 if a candidate's similarity is NaN."""
+    k = s_row.shape[0]
+    for e in range(k):
+        j, v = ix_row[e], s_row[e]
+        if j < 0 or j == own:
+            key[e] = np.inf
+        elif v != v:
+            return -1
         else:
-            continue
-        if not copied:
-            out_s, out_ix, copied = s.copy(), ix.copy(), True
-        own = self_ids[i]
-        for e in range(k):
-            j, v = ix[i, e], s[i, e]
-            # NaN candidates first, where the sweep meets them and raises
-            key[e] = np.inf if j < 0 or j == own else (-np.inf if v != v else -v)
-        order = np.argsort(key, kind="mergesort")
-        out_s[i], out_ix[i] = s[i][order], ix[i][order]
-    return out_s, out_ix
-
-
-@numba.njit(cache=True, nogil=True)
-def _cells(values, scale, shift, top):
-    """`_cell` of every value."""
-    out = np.empty(values.shape[0], np.int64)
-    for i in range(values.shape[0]):
-        out[i] = _cell(values[i], scale, shift, top)
-    return out
+            key[e] = -v
+    order = np.argsort(key, kind="mergesort")
+    n = 0
+    for e in order:
+        if n == max_n or key[e] == np.inf:
+            break
+        vs[n] = s_row[e]
+        tr[n] = codes[ix_row[e]] == code
+        n += 1
+    return n
 
 
 @numba.njit(cache=True, nogil=True)
 def _sweep_rows(
-    s, ix, self_ids, codes, counts, sorted_thr, table, scale, shift, inverse, min2, use_min2,
-    max_n, hist, base,
+    s, ix, self_ids, codes, counts, sorted_thr, below, inside, scale, shift, inverse, min2,
+    use_min2, max_n, hist, base,
 ):  # fmt: skip
     """The sweep's one pass over the rows, compiled: a few ns per neighbour entry.
 
-    A row's candidates (its valid other neighbours, the best `max_n`) are walked in
-    similarity order (`_in_similarity_order` first). After each candidate joins, the row's
-    scores are recomputed from its counts, and the change is added to the candidate's bin:
-    the count of sorted thresholds <= its similarity (the thresholds that predict it).
+    Per row, three short loops (straight-line code, which runs much faster than one loop
+    with a branch per step):
+    1. copy the row's candidates (valid other neighbours, the best `max_n`) and whether
+       each is a true match, checking that they come best first (FAISS rows do; any other
+       row is sorted, `_sorted_candidates`) and that none is NaN;
+    2. each candidate's bin: the count of sorted thresholds <= its similarity, that is the
+       thresholds that predict it (`_bin_table`);
+    3. walk the candidates; after each joins, the change in the row's scores is added to
+       its bin of `hist`.
     Returns _OK, _NAN (a candidate's sim is NaN) or _OUT_OF_RANGE (an index >= the
     gallery), for the caller to raise.
     """
     n_rows, k = s.shape
     n_gallery = codes.shape[0]
-    top = table.shape[0] - 1
-    # one row's bins and score changes, added to hist after the row's walk (faster than
-    # adding inside it, where each add waits for the table lookup that gives its address)
+    top = s.dtype.type(below.shape[0] - 1)
+    zero = s.dtype.type(0)
+    searched = scale == 0  # no usable lookup map: search every candidate
+    vs = np.empty(k, s.dtype)  # the row's candidates' similarities, best first
+    tr = np.empty(k, np.int64)  # 1 where that candidate is a true match
     bins = np.empty(k, np.int64)
-    changes = np.empty((k, 3))
+    key = np.empty(k, np.float64)
     for i in range(n_rows):
         own = self_ids[i]
         code = codes[own]
         g = counts[code]
-        # m other items predicted, tp of them true; (f, p, r) the row's scores at that state
-        m, tp = 0, 0
-        f, p, r = 2.0 * inverse[1 + g], 1.0, inverse[g]
-        min2_done = not use_min2
-        start = (f, p, r)  # the scores no threshold changes: the base
-        n = 0
+
+        n, prev, unsorted = 0, np.inf, False
         for e in range(k):
             j = ix[i, e]
             if j < 0 or j == own:
                 continue
             if j >= n_gallery:
                 return _OUT_OF_RANGE
-            if m == max_n:
-                break
             v = s[i, e]
-            if v != v:
+            unsorted |= not v <= prev  # NaN too
+            prev = v
+            if n < max_n:
+                vs[n] = v
+                tr[n] = codes[j] == code
+                n += 1
+        if unsorted:
+            n = _sorted_candidates(s[i], ix[i], own, codes, code, max_n, vs, tr, key)
+            if n < 0:
                 return _NAN
-            true = codes[j] == code
-            if not min2_done:  # the nearest, if close enough, is predicted at any threshold
-                min2_done = True
-                if v >= min2:
-                    m, tp = 1, int(true)
-                    f, p, r = 2.0 * (1 + tp) * inverse[2 + g], (1 + tp) * 0.5, (1 + tp) / g
-                    start = (f, p, r)
-                    continue
-            b = table[_cell(v, scale, shift, top)]
-            if b < 0:
-                b = np.searchsorted(sorted_thr, v, side="right")
+
+        marked = searched
+        if not searched:
+            for e in range(n):
+                c = np.int64(min(max(vs[e] * scale + shift, zero), top))
+                b = below[c]
+                marked |= b < 0
+                bins[e] = b + (vs[e] >= inside[c])
+        if marked:  # no usable map, or a cell with several thresholds: binary search
+            for e in range(n):
+                if searched or below[np.int64(min(max(vs[e] * scale + shift, zero), top))] < 0:
+                    bins[e] = np.searchsorted(sorted_thr, vs[e], side="right")
+
+        # m other items predicted, tp of them true; (f, p, r) the row's scores at that state
+        m, tp, first = 0, 0, 0
+        if use_min2 and n > 0 and vs[0] >= min2:  # the nearest is predicted at any threshold
+            m, tp, first = 1, tr[0], 1
+        f = 2.0 * (1 + tp) * inverse[1 + m + g]
+        p = (1 + tp) * inverse[1 + m]
+        r = (1 + tp) * inverse[g]
+        base[0] += f
+        base[1] += p
+        base[2] += r
+        for e in range(first, n):
+            b = bins[e]
             if b == 0:  # below every threshold, as is the rest of the row
                 break
             m += 1
-            tp += true
+            tp += tr[e]
             f1 = 2.0 * (1 + tp) * inverse[1 + m + g]
             p1 = (1 + tp) * inverse[1 + m]
             r1 = (1 + tp) * inverse[g]
-            bins[n] = b
-            changes[n, 0] = f1 - f
-            changes[n, 1] = p1 - p
-            changes[n, 2] = r1 - r
+            hist[b, 0] += f1 - f
+            hist[b, 1] += p1 - p
+            hist[b, 2] += r1 - r
             f, p, r = f1, p1, r1
-            n += 1
-        for e in range(n):
-            b = bins[e]
-            hist[b, 0] += changes[e, 0]
-            hist[b, 1] += changes[e, 1]
-            hist[b, 2] += changes[e, 2]
-        base[0] += start[0]
-        base[1] += start[1]
-        base[2] += start[2]
     return _OK
 
 

@@ -258,6 +258,12 @@ def test_sweep_accepts_torch_and_string_labels():
     a = threshold_sweep(torch.from_numpy(sims), torch.from_numpy(idx), names, [0.5, 0.7])
     b = threshold_sweep(sims, idx, torch.from_numpy(labels), np.array([0.5, 0.7]))
     np.testing.assert_array_equal(a.f1, b.f1)
+    # Sparse, huge and negative integer labels name the same groups: same scores, whether
+    # they are counted directly or go through np.unique.
+    for relabelled in (labels * 7 + 3, labels * 10**12 - 5, -1 - labels, labels.astype(np.uint8)):
+        c = threshold_sweep(sims, idx, relabelled, np.array([0.5, 0.7]))
+        np.testing.assert_array_equal(c.f1, b.f1)
+        np.testing.assert_array_equal(c.recall, b.recall)
 
 
 def test_empty_fold_raises():
