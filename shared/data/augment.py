@@ -8,7 +8,8 @@ data-loader workers on whole batches (crops in uint8, like PIL, through torch's 
 
 The per-op functions are the readable definitions (each tested against torchvision);
 `MultiCrop` draws exactly what they draw and computes the same views in fewer passes
-(flip folded into the crop, colour matrices, in-place steps on cache-sized chunks).
+(flip folded into the crop, colour matrices, in-place steps on cache-sized chunks; on the
+CPU every step after the crop is one compiled kernel, `shared.data.cpu_views`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from shared.data.cpu_views import advise_huge_pages, finish_views_
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -310,17 +314,21 @@ class ViewDraw:
 # cache through all of its in-place steps, where whole-batch temporaries of a 224 px view
 # (~38 MB) would stream through memory once per step and be page-faulted in afresh (glibc
 # hands blocks that large straight back to the OS).
-_CPU_CHUNK_FLOATS = 1 << 20
+_CPU_CHUNK_FLOATS = int(__import__("os").environ.get("CHUNK_FLOATS", 1 << 20))
 
 
 def _new_output(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """An empty output tensor; inside a DataLoader worker, in shared memory (as default_collate
-    allocates its batches), so handing it to the main process copies nothing."""
+    allocates its batches), so handing it to the main process copies nothing; elsewhere on the
+    CPU, on huge pages where the OS allows (`advise_huge_pages`)."""
     if like.device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
         numel = math.prod(shape)
         storage = like.untyped_storage()._new_shared(numel * like.element_size())
         return like.new_empty(0).set_(storage).view(shape)
-    return like.new_empty(shape)
+    out = like.new_empty(shape)
+    if out.device.type == "cpu":
+        advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
+    return out
 
 
 def _sat_matrix(s: torch.Tensor) -> torch.Tensor:
@@ -335,6 +343,29 @@ def _apply_colour_matrix_(y: torch.Tensor, m: torch.Tensor, buf: torch.Tensor) -
     n = y.shape[0]
     torch.bmm(m, y.view(n, 3, -1), out=buf.view(n, 3, -1))
     torch.clamp(buf, 0, 1, out=y)
+
+
+_PER_IMAGE = {"jitter", "bright", "contrast", "matrices", "gray", "blur", "kernels", "radii",
+              "solarize"}  # fmt: skip
+
+
+def _cpu_finish_args(d, bright, contrast, matrices, gray_w, mean, std, b: int) -> dict:
+    """`finish_views_`'s per-image parameters (numpy; empty where a step is off)."""
+    empty = np.zeros(0, np.float32)
+    return {
+        "jitter": d.jitter.numpy(),
+        "bright": empty if bright is None else bright.flatten().numpy(),
+        "contrast": empty if contrast is None else contrast.flatten().numpy(),
+        "matrices": (torch.stack(matrices, 1) if matrices else torch.zeros(b, 0, 3, 3)).numpy(),
+        "gray": d.gray.numpy(),
+        "gray_w": gray_w.flatten().numpy(),
+        "blur": np.zeros(b, bool),
+        "kernels": np.ones((b, 1), np.float32),
+        "radii": np.zeros(b, np.int64),
+        "solarize": np.zeros(b, bool) if d.solarize is None else d.solarize.numpy(),
+        "mean": mean.flatten().numpy(),
+        "std": std.flatten().numpy(),
+    }
 
 
 class MultiCrop:
@@ -394,8 +425,9 @@ class MultiCrop:
         in turn with the same generator (tested), in fewer passes: the flip is folded into
         the crop, colour steps are per-image scalars and 3x3 matrices applied in place
         (identity for images that did not draw jitter), rarer steps run on the images that
-        drew them only, and on the CPU each chunk of images goes through every step while
-        it is in the cache."""
+        drew them only. On the CPU each chunk of images is cropped, then finished image by
+        image by the compiled `finish_views_` (every step while the image is in the cache);
+        elsewhere by the torch ops below, chunk by chunk."""
         b, size, dev, dt = src.shape[0], recipe.size, src.device, torch.float32
         d = self.draw(b, src.shape[2], src.shape[3], recipe, dev, generator)
         bri, con, sat, hue = self.jitter
@@ -417,15 +449,25 @@ class MultiCrop:
         per_image = 3 * size * size
         chunk = b if dev.type != "cpu" else max(1, _CPU_CHUNK_FLOATS // per_image)
         out = _new_output((b, 3, size, size), torch.empty(0, device=dev, dtype=dt))
-        buf = out.new_empty(min(chunk, b), 3, size, size) if matrices else None
+        torch_steps = matrices and dev.type != "cpu"
+        buf = out.new_empty(min(chunk, b), 3, size, size) if torch_steps else None
         jitter_any = bool(on.any()) and any(self.jitter)
 
         def drawn(flags: torch.Tensor) -> torch.Tensor:
             return flags.nonzero().flatten()
 
+        if dev.type == "cpu":  # every step after the crop compiled, image by image
+            finish = _cpu_finish_args(d, bright, contrast, matrices, gray_w, mean, std, b)
+            if d.blur is not None:
+                finish["blur"], finish["kernels"] = d.blur.numpy(), kernels.numpy()
+                finish["radii"] = radii.numpy()
         for lo in range(0, b, chunk):
             sl = slice(lo, min(lo + chunk, b))
             y = resized_crops(src[sl], d.boxes[sl], size, d.flip[sl], out[sl])
+            if dev.type == "cpu":
+                part = {k: v[sl] if k in _PER_IMAGE else v for k, v in finish.items()}
+                finish_views_(y.numpy(), src.dtype == torch.uint8, **part)
+                continue
             if src.dtype == torch.uint8:
                 y.div_(255.0)  # `to_float` of the uint8 crop
             if jitter_any and bool(on[sl].any()):

@@ -391,3 +391,17 @@ def test_multicrop_in_a_loader_worker():
         for v, ref in zip(views, data.mc(images, generator=_gen(i))):
             assert torch.equal(v, ref)
     assert not any(v.is_shared() for v in data.mc(images))  # main process: plain memory
+
+
+def test_huge_page_advice_only_covers_whole_aligned_pages():
+    """advise_huge_pages never touches memory outside the buffer: a buffer without one whole
+    2 MiB-aligned page inside is left alone, and an advised one keeps what is written to it."""
+    from shared.data.cpu_views import advise_huge_pages
+
+    small = torch.empty(1000)
+    assert advise_huge_pages(small.data_ptr(), small.numel() * 4) is False
+    big = torch.empty(3 << 20)  # 12 MiB: at least 4 whole huge pages inside
+    advise_huge_pages(big.data_ptr(), big.numel() * 4)
+    expected = torch.arange(big.numel(), dtype=torch.float32)
+    big.copy_(expected)
+    assert torch.equal(big, expected)
