@@ -479,7 +479,7 @@ class MultiCrop:
                     y.mul_(c).add_(m * (1 - c)).clamp_(0, 1)
                 for mat in matrices:
                     _apply_colour_matrix_(y, mat[sl], buf[: len(y)])
-            # index_select / index_copy_ rather than y[idx]: several times faster on the CPU
+            # index_select / index_copy_ rather than y[idx]: several times faster
             if len(idx := drawn(d.gray[sl])):
                 g = torch.matmul(gray_w, y.index_select(0, idx).view(len(idx), 3, -1))
                 y.index_copy_(0, idx, g.view(-1, 1, size, size).expand(-1, 3, -1, -1))
