@@ -398,6 +398,9 @@ class MultiCrop:
             ViewRecipe(global_size, gs, blur_p[0], 0.0),
             ViewRecipe(global_size, gs, blur_p[1], solarize_p),
         ] + [ViewRecipe(local_size, ls, blur_p[2], 0.0) for _ in range(n_local)]
+        for name, size in (("global_size", global_size), ("local_size", local_size)):
+            if size < 2:  # a blur's reflect padding needs a pixel beside the edge one
+                raise ValueError(f"multicrop.{name} must be at least 2 px, got {size}")
         self.flip_p, self.jitter, self.jitter_p = flip_p, tuple(jitter), jitter_p
         self.grayscale_p, self.mean, self.std = grayscale_p, mean, std
         self.n_global = 2

@@ -405,3 +405,20 @@ def test_huge_page_advice_only_covers_whole_aligned_pages():
     expected = torch.arange(big.numel(), dtype=torch.float32)
     big.copy_(expected)
     assert torch.equal(big, expected)
+
+
+@pytest.mark.parametrize("sizes", [(1, 16), (16, 1), (0, 8)])
+def test_multicrop_rejects_crops_under_two_pixels(sizes):
+    with pytest.raises(ValueError, match="at least 2 px"):
+        A.MultiCrop(*sizes, 2)
+
+
+def test_multicrop_at_two_pixels_blurs_like_the_per_op_functions():
+    """The smallest crop the blur's reflect padding allows: the compiled path still equals
+    the per-op composition (and reads nothing outside the image)."""
+    images = (_rand(4, 3, 12, 12, seed=21) * 255).to(torch.uint8)
+    mc = A.MultiCrop(2, 2, 2, blur_p=(1.0, 1.0, 1.0), jitter_p=1.0, solarize_p=1.0)
+    views = mc(images, generator=_gen(8))
+    g = _gen(8)
+    for v, r in zip(views, mc.views):
+        torch.testing.assert_close(v, _per_op_view(mc, images, r, g), atol=2e-5, rtol=0)
