@@ -2,10 +2,11 @@
 
 After the crop, a DINO view goes through brightness, contrast, saturation, hue, grayscale,
 blur, solarize and normalisation: a dozen whole-tensor passes with torch ops, each streaming
-the batch through memory. Here each image goes through all of them in one or two passes over
-its pixels (three when it is blurred) while it sits in the cache, with the same float32
-operations in the same order as `shared.data.augment`'s per-op functions (tested equal to
-float rounding). The random draws stay in `MultiCrop`; this file only computes.
+a chunk of images through memory. Here each image goes through all of them, one plain
+(vectorisable) loop per step over its planes, while it sits in the cache, with the same
+float32 operations in the same order as `shared.data.augment`'s per-op functions (tested equal
+to float rounding). The random draws stay in `MultiCrop`; this file only computes. Also here:
+`advise_huge_pages`, for the fresh view batches the kernel writes into.
 """
 
 from __future__ import annotations
