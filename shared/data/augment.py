@@ -314,7 +314,7 @@ class ViewDraw:
 # cache through all of its in-place steps, where whole-batch temporaries of a 224 px view
 # (~38 MB) would stream through memory once per step and be page-faulted in afresh (glibc
 # hands blocks that large straight back to the OS).
-_CPU_CHUNK_FLOATS = int(__import__("os").environ.get("CHUNK_FLOATS", 1 << 20))
+_CPU_CHUNK_FLOATS = 1 << 20
 
 
 def _new_output(shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -345,26 +345,23 @@ def _apply_colour_matrix_(y: torch.Tensor, m: torch.Tensor, buf: torch.Tensor) -
     torch.clamp(buf, 0, 1, out=y)
 
 
-_PER_IMAGE = {"jitter", "bright", "contrast", "matrices", "gray", "blur", "kernels", "radii",
-              "solarize"}  # fmt: skip
-
-
-def _cpu_finish_args(d, bright, contrast, matrices, gray_w, mean, std, b: int) -> dict:
-    """`finish_views_`'s per-image parameters (numpy; empty where a step is off)."""
+def _cpu_finish_args(d, bright, contrast, matrices, blur, b: int) -> dict:
+    """`finish_views_`'s per-image parameters, numpy, each indexed by image (empty where a
+    step is off). blur: (kernels, radii) of the view's blur, None when it never blurs."""
     empty = np.zeros(0, np.float32)
+    kernels, radii = (
+        blur if blur is not None else (torch.ones(b, 1), torch.zeros(b, dtype=torch.long))
+    )
     return {
         "jitter": d.jitter.numpy(),
         "bright": empty if bright is None else bright.flatten().numpy(),
         "contrast": empty if contrast is None else contrast.flatten().numpy(),
         "matrices": (torch.stack(matrices, 1) if matrices else torch.zeros(b, 0, 3, 3)).numpy(),
         "gray": d.gray.numpy(),
-        "gray_w": gray_w.flatten().numpy(),
-        "blur": np.zeros(b, bool),
-        "kernels": np.ones((b, 1), np.float32),
-        "radii": np.zeros(b, np.int64),
+        "blur": np.zeros(b, bool) if d.blur is None else d.blur.numpy(),
+        "kernels": kernels.numpy(),
+        "radii": radii.numpy(),
         "solarize": np.zeros(b, bool) if d.solarize is None else d.solarize.numpy(),
-        "mean": mean.flatten().numpy(),
-        "std": std.flatten().numpy(),
     }
 
 
@@ -460,16 +457,16 @@ class MultiCrop:
             return flags.nonzero().flatten()
 
         if dev.type == "cpu":  # every step after the crop compiled, image by image
-            finish = _cpu_finish_args(d, bright, contrast, matrices, gray_w, mean, std, b)
-            if d.blur is not None:
-                finish["blur"], finish["kernels"] = d.blur.numpy(), kernels.numpy()
-                finish["radii"] = radii.numpy()
+            blur = (kernels, radii) if d.blur is not None else None
+            per_image = _cpu_finish_args(d, bright, contrast, matrices, blur, b)
+            fixed = {"gray_w": gray_w, "mean": mean, "std": std}
+            fixed = {k: v.flatten().numpy() for k, v in fixed.items()}
         for lo in range(0, b, chunk):
             sl = slice(lo, min(lo + chunk, b))
             y = resized_crops(src[sl], d.boxes[sl], size, d.flip[sl], out[sl])
             if dev.type == "cpu":
-                part = {k: v[sl] if k in _PER_IMAGE else v for k, v in finish.items()}
-                finish_views_(y.numpy(), src.dtype == torch.uint8, **part)
+                part = {k: v[sl] for k, v in per_image.items()}
+                finish_views_(y.numpy(), src.dtype == torch.uint8, **part, **fixed)
                 continue
             if src.dtype == torch.uint8:
                 y.div_(255.0)  # `to_float` of the uint8 crop
