@@ -208,8 +208,9 @@ def threshold_sweep(
     self_ids = _self_ids(s_all.shape[0], n_gallery, query_ids)
 
     codes, counts = _label_codes(y)
-    order = np.argsort(thr, kind="stable")
-    sorted_thr = _ceil_to(thr[order], s_all.dtype)
+    # Thresholds that fall on one value of the similarities' dtype score alike: sweep the
+    # distinct ones, in order, and hand each threshold its value's scores.
+    sorted_thr, position = np.unique(_ceil_to(thr, s_all.dtype), return_inverse=True)
     max_n = int(min(max_neighbours, s_all.shape[1]))
     with np.errstate(divide="ignore"):  # 1 / n for every count a score can divide by
         inverse = 1.0 / np.arange(max_n + int(counts.max()) + 3, dtype=np.float64)
@@ -229,10 +230,11 @@ def threshold_sweep(
         # hist[j]: summed score change (F1, precision, recall) of the rows whose predictions
         # grow between sorted thresholds j and j - 1; base: every row's score no threshold
         # changes (no candidate, or min2's one).
-        hist, base = np.zeros((thr.size + 1, 3)), np.zeros(3)
+        banks, base = np.zeros((_HIST_BANKS, sorted_thr.size + 1, 3)), np.zeros(3)
         rows = slice(lo, hi)
-        status = _sweep_rows(s_all[rows], ix_all[rows], self_ids[rows], *shared, hist, base)
-        return status, hist, base
+        flat = banks.reshape(-1)
+        status = _sweep_rows(s_all[rows], ix_all[rows], self_ids[rows], *shared, flat, base)
+        return status, banks.sum(0), base
 
     n_rows = s_all.shape[0]
     workers = _sweep_threads(threads, s_all.size)
@@ -253,8 +255,7 @@ def threshold_sweep(
     out = {}
     for name, b, h in zip(("f1", "precision", "recall"), base, hist.T, strict=True):
         above = np.cumsum(h[::-1])[::-1][1:]  # sorted threshold j: sum of h[j + 1:]
-        out[name] = np.empty(thr.size)
-        out[name][order] = (b + above) / n_rows
+        out[name] = ((b + above) / n_rows)[position.reshape(-1)]
     return SweepResult(thr, out["f1"], out["precision"], out["recall"], int(np.argmax(out["f1"])))
 
 
@@ -271,6 +272,9 @@ def _label_codes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 _OK, _NAN, _OUT_OF_RANGE = 0, 1, 2
+# Consecutive candidates often share a bin; adding them to one histogram would chain each
+# add on the one before through memory. Candidate e adds to copy e % 4 of it instead.
+_HIST_BANKS = 4
 _ENTRIES_PER_THREAD = 250_000  # below this a thread costs more than it saves
 
 
@@ -286,7 +290,8 @@ def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any, Any
     """Lookup tables that make `searchsorted(sorted_thr, v, "right")` a multiply-add, a
     clamp and two reads, with no branch.
 
-    The thresholds' range is cut into 64 cells per threshold. A value's cell is
+    The thresholds' range is cut into cells at least twice as fine as the closest pair
+    of thresholds (at least 4 and at most 64 cells per threshold). A value's cell is
     `clamp(v * scale + shift, 0, top)` truncated: a rounded multiply-add cannot reorder
     values, so a value and a threshold in different cells compare as their cells do.
     `below[c]` counts the thresholds in cells under c; `inside[c]` is the one threshold in
@@ -296,18 +301,24 @@ def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any, Any
     cell marked).
     """
     dt = sorted_thr.dtype.type
-    cells = min(64 * len(sorted_thr), 1 << 20)  # exact in float32: cell numbers < 2**24
+    # Small enough to stay in the L1/L2 caches: a lookup per neighbour entry.
     spread = float(sorted_thr[-1]) - float(sorted_thr[0])
+    gaps = np.diff(sorted_thr.astype(np.float64))
+    gaps = gaps[gaps > 0]
+    with np.errstate(over="ignore"):
+        fine = np.ceil(2 * spread / gaps.min()) if gaps.size else 0.0
+    n_thr = len(sorted_thr)
+    cells = int(min(max(fine, 4 * n_thr), 64 * n_thr, 1 << 20))  # float32-exact: < 2**24
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         scale = dt(cells / spread) if spread > 0 else dt(0)
         shift = dt(2.0 - float(sorted_thr[0]) * float(scale))
     top = cells + 3
     inside = np.full(top + 1, np.inf, sorted_thr.dtype)
     if not (np.isfinite(scale) and np.isfinite(shift) and scale > 0):
-        return np.full(top + 1, -1, np.int64), inside, dt(0), dt(0)
+        return np.full(top + 1, -1, np.int32), inside, dt(0), dt(0)
     with np.errstate(over="ignore", invalid="ignore"):
         thr_cells = np.clip(sorted_thr * scale + shift, 0, top).astype(np.int64)
-    below = np.searchsorted(thr_cells, np.arange(top + 1), side="left").astype(np.int64)
+    below = np.searchsorted(thr_cells, np.arange(top + 1), side="left").astype(np.int32)
     held = np.bincount(thr_cells, minlength=top + 1)
     inside[thr_cells] = sorted_thr  # right where a cell holds one threshold
     below[held > 1] = -1
@@ -339,6 +350,29 @@ def _sorted_candidates(s_row, ix_row, own, codes, code, max_n, vs, tr, key):
     return n
 
 
+# Numba wraps every signed index for negative values (a shift, an and and an or per
+# access); an unsigned one skips that. The inner loops below index with known non-negative
+# values cast to uint64 (an int64 first: a float's direct uint64 conversion is slow).
+_u = np.uint64
+
+
+@numba.njit(cache=True, nogil=True)
+def _plain_row(s_row, ix_row, own, last):
+    """Whether a row is the usual FAISS self-search row: the query itself first, then only
+    other in-range items, similarities non-increasing and none NaN. Its candidates are then
+    simply columns 1.. in order. Two branch-free counting loops (vectorised by LLVM)."""
+    k = s_row.shape[0]
+    if k == 0 or ix_row[0] != own:
+        return False
+    bad = 0
+    for e in range(1, k):
+        j = ix_row[_u(e)]
+        bad += (_u(j) > last) | (j == own)  # as unsigned, -1 is out of range too
+    for e in range(k - 1):
+        bad += not s_row[_u(e)] >= s_row[_u(e + 1)]  # NaN too
+    return bad == 0
+
+
 @numba.njit(cache=True, nogil=True)
 def _sweep_rows(
     s, ix, self_ids, codes, counts, sorted_thr, below, inside, scale, shift, inverse, min2,
@@ -346,24 +380,29 @@ def _sweep_rows(
 ):  # fmt: skip
     """The sweep's one pass over the rows, compiled: a few ns per neighbour entry.
 
-    Per row, three short loops (straight-line code, which runs much faster than one loop
-    with a branch per step):
-    1. copy the row's candidates (valid other neighbours, the best `max_n`) and whether
-       each is a true match, checking that they come best first (FAISS rows do; any other
-       row is sorted, `_sorted_candidates`) and that none is NaN;
-    2. each candidate's bin: the count of sorted thresholds <= its similarity, that is the
-       thresholds that predict it (`_bin_table`);
-    3. walk the candidates; after each joins, the change in the row's scores is added to
-       its bin of `hist`.
+    Per row, short straight-line loops (they run much faster than one loop with a branch
+    per step, or one loop doing everything):
+    1. the row's candidates (valid other neighbours, the best `max_n`) in similarity order,
+       each one's bin (the count of sorted thresholds <= its similarity, that is the
+       thresholds that predict it; `_bin_table`) and whether it is a true match. A plain
+       FAISS row (`_plain_row`) is read in place; any other row is copied first, skipping
+       self and missing entries, and sorted if need be (`_sorted_candidates`);
+    2. walk the candidates; after each joins, the change in the row's scores is added to
+       its bin of `hist` (flat [_HIST_BANKS, bins, 3]: F1, precision, recall per bin).
     Returns _OK, _NAN (a candidate's sim is NaN) or _OUT_OF_RANGE (an index >= the
     gallery), for the caller to raise.
     """
     n_rows, k = s.shape
     n_gallery = codes.shape[0]
+    last = _u(n_gallery - 1)
     top = s.dtype.type(below.shape[0] - 1)
     zero = s.dtype.type(0)
     searched = scale == 0  # no usable lookup map: search every candidate
-    vs = np.empty(k, s.dtype)  # the row's candidates' similarities, best first
+    bank = _u(hist.shape[0] // _HIST_BANKS)
+    direct = not searched  # every cell gives its bin without a search
+    for c in range(below.shape[0]):
+        direct &= below[c] >= 0
+    vs = np.empty(k, s.dtype)  # a copied row's candidates' similarities, best first
     tr = np.empty(k, np.int64)  # 1 where that candidate is a true match
     bins = np.empty(k, np.int64)
     key = np.empty(k, np.float64)
@@ -371,60 +410,75 @@ def _sweep_rows(
         own = self_ids[i]
         code = codes[own]
         g = counts[code]
+        s_row, ix_row = s[i], ix[i]
 
-        n, prev, unsorted = 0, np.inf, False
-        for e in range(k):
-            j = ix[i, e]
-            if j < 0 or j == own:
-                continue
-            if j >= n_gallery:
-                return _OUT_OF_RANGE
-            v = s[i, e]
-            unsorted |= not v <= prev  # NaN too
-            prev = v
-            if n < max_n:
-                vs[n] = v
-                tr[n] = codes[j] == code
-                n += 1
-        if unsorted:
-            n = _sorted_candidates(s[i], ix[i], own, codes, code, max_n, vs, tr, key)
-            if n < 0:
-                return _NAN
-
-        marked = searched
-        if not searched:
+        if direct and _plain_row(s_row, ix_row, own, last):
+            n = min(k - 1, max_n)
             for e in range(n):
-                c = np.int64(min(max(vs[e] * scale + shift, zero), top))
-                b = below[c]
-                marked |= b < 0
-                bins[e] = b + (vs[e] >= inside[c])
-        if marked:  # no usable map, or a cell with several thresholds: binary search
-            for e in range(n):
-                if searched or below[np.int64(min(max(vs[e] * scale + shift, zero), top))] < 0:
-                    bins[e] = np.searchsorted(sorted_thr, vs[e], side="right")
+                v = s_row[_u(e + 1)]
+                c = _u(np.int64(min(max(v * scale + shift, zero), top)))
+                bins[_u(e)] = below[c] + (v >= inside[c])
+                tr[_u(e)] = codes[_u(ix_row[_u(e + 1)])] == code
+            nearest = s_row[1] if n > 0 else zero
+        else:
+            n, prev, unsorted = 0, np.inf, False
+            for e in range(k):
+                j = ix_row[_u(e)]
+                if j < 0 or j == own:
+                    continue
+                if j >= n_gallery:
+                    return _OUT_OF_RANGE
+                v = s_row[_u(e)]
+                unsorted |= not v <= prev  # NaN too
+                prev = v
+                if n < max_n:
+                    vs[_u(n)] = v
+                    tr[_u(n)] = codes[_u(j)] == code
+                    n += 1
+            if unsorted:
+                n = _sorted_candidates(s_row, ix_row, own, codes, code, max_n, vs, tr, key)
+                if n < 0:
+                    return _NAN
+            marked = searched
+            if not searched:
+                for e in range(n):
+                    v = vs[_u(e)]
+                    c = _u(np.int64(min(max(v * scale + shift, zero), top)))
+                    b = below[c]
+                    marked |= b < 0
+                    bins[_u(e)] = b + (v >= inside[c])
+            if marked:  # a cell with several thresholds, or no usable map: binary search
+                for e in range(n):
+                    v = vs[e]
+                    if searched or below[np.int64(min(max(v * scale + shift, zero), top))] < 0:
+                        bins[e] = np.searchsorted(sorted_thr, v, side="right")
+            nearest = vs[0] if n > 0 else zero
 
-        # m other items predicted, tp of them true; (f, p, r) the row's scores at that state
-        m, tp, first = 0, 0, 0
-        if use_min2 and n > 0 and vs[0] >= min2:  # the nearest is predicted at any threshold
-            m, tp, first = 1, tr[0], 1
-        f = 2.0 * (1 + tp) * inverse[1 + m + g]
-        p = (1 + tp) * inverse[1 + m]
-        r = (1 + tp) * inverse[g]
+        # After candidate e joins, m = e + 1 others are predicted, tp of them true; (f, p, r)
+        # the row's scores before it.
+        tp, first = 0, 0
+        if use_min2 and n > 0 and nearest >= min2:  # predicted at any threshold
+            tp, first = tr[0], 1
+        inv_g = inverse[g]
+        f = 2.0 * (1 + tp) * inverse[1 + first + g]
+        p = (1 + tp) * inverse[1 + first]
+        r = (1 + tp) * inv_g
         base[0] += f
         base[1] += p
         base[2] += r
         for e in range(first, n):
-            b = bins[e]
+            b = bins[_u(e)]
             if b == 0:  # below every threshold, as is the rest of the row
                 break
-            m += 1
-            tp += tr[e]
-            f1 = 2.0 * (1 + tp) * inverse[1 + m + g]
-            p1 = (1 + tp) * inverse[1 + m]
-            r1 = (1 + tp) * inverse[g]
-            hist[b, 0] += f1 - f
-            hist[b, 1] += p1 - p
-            hist[b, 2] += r1 - r
+            tp += tr[_u(e)]
+            joined = np.float64(1 + tp)
+            f1 = 2.0 * joined * inverse[_u(e + 2 + g)]
+            p1 = joined * inverse[_u(e + 2)]
+            r1 = joined * inv_g
+            h = _u(3 * b) + bank * _u(e & (_HIST_BANKS - 1))
+            hist[h] += f1 - f
+            hist[h + _u(1)] += p1 - p
+            hist[h + _u(2)] += r1 - r
             f, p, r = f1, p1, r1
     return _OK
 

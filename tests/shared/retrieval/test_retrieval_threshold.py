@@ -213,6 +213,38 @@ def test_nan_similarity_raises():
         threshold_sweep(sims, idx, labels, [0.5])
 
 
+def test_plain_and_copied_rows_give_identical_scores():
+    """A plain FAISS row (self first, all others valid, sorted) is read in place; one -1
+    column appended sends every row down the copying path. Same candidates: same sums."""
+    x, _, _, labels = messy_neighbours(6)
+    sims, idx = knn_search(x, x, 8)
+    padded_sims = np.concatenate([sims, np.full((len(sims), 1), -np.inf, np.float32)], 1)
+    padded_idx = np.concatenate([idx, np.full((len(idx), 1), -1)], 1)
+    thresholds = np.linspace(0.0, 1.0, 40)
+    for min2, max_n in ((None, 50), (0.3, 4), (0.8, 50), (0.6, 0)):
+        plain = threshold_sweep(sims, idx, labels, thresholds, min2=min2, max_neighbours=max_n)
+        copied = threshold_sweep(
+            padded_sims, padded_idx, labels, thresholds, min2=min2, max_neighbours=max_n
+        )
+        ref = brute_force_sweep(sims, idx, labels, thresholds, min2=min2, max_n=max_n)
+        for key in ("f1", "precision", "recall"):
+            np.testing.assert_array_equal(getattr(plain, key), getattr(copied, key))
+            np.testing.assert_allclose(getattr(plain, key), ref[key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("column", [1, 5])
+@pytest.mark.parametrize("pad", [False, True])
+def test_neighbour_index_out_of_range_raises(column, pad):
+    """Past the gallery in a plain row or a copied one (-1 padding), anywhere in the row."""
+    x, _, _, labels = messy_neighbours(7)
+    sims, idx = knn_search(x, x, 8)
+    if pad:
+        idx[:, -1] = -1
+    idx[4, column] = len(labels)
+    with pytest.raises(ValueError, match="out of range"):
+        threshold_sweep(sims, idx, labels, np.linspace(0, 1, 30))
+
+
 def test_min2_changes_the_answer_on_this_data():
     _, sims, idx, labels = messy_neighbours(0)
     plain = threshold_sweep(sims, idx, labels, [0.9])
