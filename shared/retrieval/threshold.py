@@ -230,18 +230,18 @@ def threshold_sweep(
         # hist[j]: summed score change (F1, precision, recall) of the rows whose predictions
         # grow between sorted thresholds j and j - 1; base: every row's score no threshold
         # changes (no candidate, or min2's one).
-        banks, base = np.zeros((_HIST_BANKS, sorted_thr.size + 1, 3)), np.zeros(3)
+        banks, base = np.zeros((sorted_thr.size + 1, _HIST_BANKS, 3)), np.zeros(3)
         rows = slice(lo, hi)
         flat = banks.reshape(-1)
         status = _sweep_rows(s_all[rows], ix_all[rows], self_ids[rows], *shared, flat, base)
-        return status, banks.sum(0), base
+        return status, banks.sum(1), base
 
     n_rows = s_all.shape[0]
     workers = _sweep_threads(threads, s_all.size)
-    bounds = np.linspace(0, n_rows, workers + 1).astype(int)
     if workers == 1:
         blocks = [sweep_block(0, n_rows)]
     else:  # the compiled pass releases the GIL: row blocks run in parallel
+        bounds = np.linspace(0, n_rows, workers + 1).astype(int)
         with ThreadPoolExecutor(workers) as pool:
             blocks = list(pool.map(sweep_block, bounds[:-1], bounds[1:]))
     statuses = {status for status, _, _ in blocks}
@@ -252,11 +252,9 @@ def threshold_sweep(
     hist = sum(h for _, h, _ in blocks)
     base = sum(b for _, _, b in blocks)
 
-    out = {}
-    for name, b, h in zip(("f1", "precision", "recall"), base, hist.T, strict=True):
-        above = np.cumsum(h[::-1])[::-1][1:]  # sorted threshold j: sum of h[j + 1:]
-        out[name] = ((b + above) / n_rows)[position.reshape(-1)]
-    return SweepResult(thr, out["f1"], out["precision"], out["recall"], int(np.argmax(out["f1"])))
+    above = np.cumsum(hist[::-1], axis=0)[::-1][1:]  # sorted threshold j: sum of hist[j + 1:]
+    f1, precision, recall = np.ascontiguousarray(((base + above) / n_rows)[position.reshape(-1)].T)
+    return SweepResult(thr, f1, precision, recall, int(np.argmax(f1)))
 
 
 def _label_codes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +386,7 @@ def _sweep_rows(
        FAISS row (`_plain_row`) is read in place; any other row is copied first, skipping
        self and missing entries, and sorted if need be (`_sorted_candidates`);
     2. walk the candidates; after each joins, the change in the row's scores is added to
-       its bin of `hist` (flat [_HIST_BANKS, bins, 3]: F1, precision, recall per bin).
+       its bin of `hist` (flat [bins, _HIST_BANKS, 3]: F1, precision, recall per bin).
     Returns _OK, _NAN (a candidate's sim is NaN) or _OUT_OF_RANGE (an index >= the
     gallery), for the caller to raise.
     """
@@ -398,7 +396,6 @@ def _sweep_rows(
     top = s.dtype.type(below.shape[0] - 1)
     zero = s.dtype.type(0)
     searched = scale == 0  # no usable lookup map: search every candidate
-    bank = _u(hist.shape[0] // _HIST_BANKS)
     direct = not searched  # every cell gives its bin without a search
     for c in range(below.shape[0]):
         direct &= below[c] >= 0
@@ -475,7 +472,7 @@ def _sweep_rows(
             f1 = 2.0 * joined * inverse[_u(e + 2 + g)]
             p1 = joined * inverse[_u(e + 2)]
             r1 = joined * inv_g
-            h = _u(3 * b) + bank * _u(e & (_HIST_BANKS - 1))
+            h = _u(3 * (_HIST_BANKS * b + (e & (_HIST_BANKS - 1))))
             hist[h] += f1 - f
             hist[h + _u(1)] += p1 - p
             hist[h + _u(2)] += r1 - r
