@@ -232,6 +232,53 @@ def test_plain_and_copied_rows_give_identical_scores():
             np.testing.assert_allclose(getattr(plain, key), ref[key], rtol=0, atol=1e-12)
 
 
+def random_sweep_case(rng):
+    """One random sweep problem: a real self-search (sometimes with tied or duplicate
+    vectors, float64 sims, -1 holes, a rotated row), thresholds from a grid, from the sims
+    themselves, nearly equal pairs or anywhere, any min2, cap and query subset."""
+    n, d = int(rng.integers(2, 40)), int(rng.integers(2, 8))
+    k = int(rng.integers(1, min(n, 12) + 1))
+    labels = rng.integers(0, max(1, n // int(rng.integers(1, 5))), n)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    if rng.random() < 0.3:
+        x = np.round(x, 1)
+    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-9
+    sims, idx = knn_search(x, x, k)
+    if rng.random() < 0.2:
+        sims = sims.astype(np.float64)
+    if rng.random() < 0.2:
+        for r in rng.choice(n, min(n, 3), replace=False):
+            c = rng.integers(0, k)
+            idx[r, c], sims[r, c] = -1, -np.inf
+    if rng.random() < 0.2:
+        r = rng.integers(0, n)
+        idx[r], sims[r] = np.roll(idx[r], 1), np.roll(sims[r], 1)
+    finite = sims[np.isfinite(sims)]
+    thresholds = [
+        np.linspace(-1, 1, int(rng.integers(1, 60))),
+        rng.choice(finite, int(rng.integers(1, 10))) if finite.size else np.array([0.5]),
+        np.concatenate([np.linspace(0, 1, 11), [0.5 + 1e-9, 0.5]]),
+        rng.uniform(-1.2, 1.2, int(rng.integers(1, 30))),
+    ][rng.integers(0, 4)].astype(np.float64)
+    min2 = None if rng.random() < 0.5 else float(rng.uniform(-0.5, 1))
+    rows = np.arange(n)
+    if rng.random() < 0.3:
+        rows = np.sort(rng.choice(n, int(rng.integers(1, n + 1)), replace=False))
+    return sims[rows], idx[rows], labels, thresholds, rows, min2, int(rng.integers(0, 14))
+
+
+def test_sweep_matches_brute_force_on_random_cases():
+    rng = np.random.default_rng(123)
+    for _ in range(100):
+        sims, idx, labels, thresholds, rows, min2, max_n = random_sweep_case(rng)
+        got = threshold_sweep(
+            sims, idx, labels, thresholds, query_ids=rows, min2=min2, max_neighbours=max_n
+        )
+        ref = brute_force_sweep(sims, idx, labels, thresholds, rows, min2, max_n)
+        for key in ("f1", "precision", "recall"):
+            np.testing.assert_allclose(getattr(got, key), ref[key], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("column", [1, 5])
 @pytest.mark.parametrize("pad", [False, True])
 def test_neighbour_index_out_of_range_raises(column, pad):
