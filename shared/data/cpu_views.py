@@ -115,10 +115,9 @@ def _mean(a):
 
 
 @numba.njit(cache=True, nogil=True)
-def _scale_(a, f, clamp):
+def _scale_unit_(a, f):
     for p in range(a.shape[0]):
-        v = a[p] * f
-        a[p] = _unit(v) if clamp else v
+        a[p] = _unit(a[p] * f)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -191,7 +190,7 @@ def finish_views_(
             _divide_(flat, _255)
         if jitter[i]:
             if use_bright:
-                _scale_(flat, bright[i], True)
+                _scale_unit_(flat, bright[i])
             if use_contrast:
                 k = contrast[i]
                 luma = _mean(x[0]) * gray_w[0] + _mean(x[1]) * gray_w[1] + _mean(x[2]) * gray_w[2]

@@ -286,7 +286,7 @@ def _sweep_threads(threads: int | None, entries: int) -> int:
 
 def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any, Any]:
     """Lookup tables that make `searchsorted(sorted_thr, v, "right")` a multiply-add, a
-    clamp and two reads, with no branch.
+    clamp and two reads, with no branch (`sorted_thr`: distinct, increasing).
 
     The thresholds' range is cut into cells at least twice as fine as the closest pair
     of thresholds (at least 4 and at most 64 cells per threshold). A value's cell is
@@ -301,8 +301,7 @@ def _bin_table(sorted_thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any, Any
     dt = sorted_thr.dtype.type
     # Small enough to stay in the L1/L2 caches: a lookup per neighbour entry.
     spread = float(sorted_thr[-1]) - float(sorted_thr[0])
-    gaps = np.diff(sorted_thr.astype(np.float64))
-    gaps = gaps[gaps > 0]
+    gaps = np.diff(sorted_thr.astype(np.float64))  # > 0: the thresholds are distinct
     with np.errstate(over="ignore"):
         fine = np.ceil(2 * spread / gaps.min()) if gaps.size else 0.0
     n_thr = len(sorted_thr)

@@ -395,13 +395,20 @@ def test_multicrop_in_a_loader_worker():
 
 def test_huge_page_advice_only_covers_whole_aligned_pages():
     """advise_huge_pages never touches memory outside the buffer: a buffer without one whole
-    2 MiB-aligned page inside is left alone, and an advised one keeps what is written to it."""
+    2 MiB-aligned page inside is left alone; a big one is advised wherever the kernel has
+    transparent huge pages (the advice is taken whatever the THP mode), and keeps what is
+    written to it."""
+    import sys
+    from pathlib import Path
+
     from shared.data.cpu_views import advise_huge_pages
 
     small = torch.empty(1000)
     assert advise_huge_pages(small.data_ptr(), small.numel() * 4) is False
     big = torch.empty(3 << 20)  # 12 MiB: at least 4 whole huge pages inside
-    advise_huge_pages(big.data_ptr(), big.numel() * 4)
+    advised = advise_huge_pages(big.data_ptr(), big.numel() * 4)
+    if sys.platform.startswith("linux"):
+        assert advised is Path("/sys/kernel/mm/transparent_hugepage").is_dir()
     expected = torch.arange(big.numel(), dtype=torch.float32)
     big.copy_(expected)
     assert torch.equal(big, expected)
