@@ -8,7 +8,8 @@ Layout of a store directory:
 
 The key hashes the source's description (files, sizes, mtimes or generator spec) and the
 image size, so a changed source gets a new store. A store is built in a temporary
-directory and renamed into place, so a killed build leaves nothing that looks complete.
+directory and renamed into place, so a killed build leaves nothing that looks complete, and
+jobs that start together build it once (`shared.data.publish`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 from tqdm.auto import tqdm
+
+from shared.data.publish import build_lock, publish, temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,41 +94,52 @@ def build_store(
     description = source.describe()
     key = store_key(description, image_size)
     path = Path(path) if path else Path(root) / f"{name}-{key}"
-    if (path / "meta.json").is_file():
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("key") == key:
-            log.info("Reusing image store %s", path)
-            return ImageStore.open(path)
-        log.warning(
-            "Store at %s was built from another source or size (key %s != %s): rebuilding",
-            path,
-            meta.get("key"),
-            key,
-        )
+
+    def is_built(at: Path) -> bool:
+        return _store_key_at(at) == key
+
+    if is_built(path):
+        log.info("Reusing image store %s", path)
+        return ImageStore.open(path)
     n = len(source)
     if n == 0:
         raise ValueError(f"data source {description.get('kind')} has no images")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        meta = _write_store(source, tmp, image_size, chunk_size, progress, path.name)
-    except BaseException:  # a failed or interrupted build leaves nothing behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    meta = {
-        "key": key,
-        "version": STORE_VERSION,
-        "image_size": image_size,
-        "source": {k: v for k, v in description.items() if k != "files"},
-        **meta,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    log.info("Built image store %s (%d images)", path, meta["num_images"])
+    with build_lock(path):  # jobs starting together build it once; the others wait
+        if is_built(path):
+            log.info("Reusing image store %s (built by another process)", path)
+            return ImageStore.open(path)
+        if path.exists():
+            log.warning(
+                "Store at %s was built from another source or size (key %s != %s): rebuilding",
+                path,
+                _store_key_at(path),
+                key,
+            )
+        tmp = temp_dir(path)
+        try:
+            meta = _write_store(source, tmp, image_size, chunk_size, progress, path.name)
+            meta = {
+                "key": key,
+                "version": STORE_VERSION,
+                "image_size": image_size,
+                "source": {k: v for k, v in description.items() if k != "files"},
+                **meta,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+        except BaseException:  # a failed or interrupted build leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if publish(tmp, path, is_built):
+            log.info("Built image store %s (%d images)", path, meta["num_images"])
     return ImageStore.open(path)
+
+
+def _store_key_at(path: Path) -> str | None:
+    """The key in `path/meta.json`, or None when there is no complete store there."""
+    try:
+        return json.loads((Path(path) / "meta.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return None
 
 
 def _write_store(

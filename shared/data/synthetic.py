@@ -28,10 +28,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from shared.data.publish import build_lock, publish, temp_dir
 
 # Bump when a change alters any rendered byte or title: on-disk copies keyed on it go stale.
 GENERATOR_VERSION = 1
@@ -941,36 +941,31 @@ def _write_atomically(
 ) -> bool:
     """Build in a temp dir beside ``out_dir``, then rename it into place.
 
-    Returns False when a complete copy with the same marker is already there (idempotent).
-    A crash leaves at most the temp dir's removal undone; never a half-written ``out_dir``.
+    Returns False when a complete copy with the same marker is already there (idempotent),
+    also when another process wrote it while this one waited for the build lock. A crash
+    leaves at most a temp dir (removed by the next build), never a half-written ``out_dir``.
     """
     out_dir = Path(out_dir)
-    if _is_complete(out_dir, marker):
+
+    def complete(at: Path) -> bool:
+        return _is_complete(at, marker)
+
+    if complete(out_dir):
         return False
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not this data set; pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
-        if out_dir.exists():
-            old = tmp.with_name(tmp.name + "-old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                # A concurrent writer (another rank) got there first with the same data.
-                if not _is_complete(out_dir, marker):
-                    raise
-    finally:
-        if tmp.exists():
+    with build_lock(out_dir):
+        if complete(out_dir):
+            return False
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not this data set; pass overwrite=True")
+        tmp = temp_dir(out_dir)
+        try:
+            tmp.mkdir()
+            fill(tmp)
+            (tmp / _MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    return True
+            raise
+        return publish(tmp, out_dir, complete)
 
 
 def _save_batch(

@@ -52,6 +52,16 @@ def cluster():
         )
 
 
+def diagnostics(driver: subprocess.Popen, sweep) -> str:
+    """The driver's output and the tails of the jobs' logs, for a failure message."""
+    output = driver.communicate(timeout=30)[0] or ""
+    logs = [
+        f"--- {log.name}:\n{log.read_text()[-2000:]}"
+        for log in sorted((sweep / ".submitit").glob("*/*_log.*"))
+    ]
+    return "\n".join([f"--- driver (rc {driver.returncode}):\n{output[-3000:]}", *logs])
+
+
 def record(job_dir):
     return OmegaConf.load(job_dir / "job_return.yaml")
 
@@ -78,7 +88,11 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(tmp_path,
         deadline = time.time() + 400
         while not last.exists() and driver.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert last.exists(), "job 0 wrote no checkpoint in time"
+        if not last.exists():
+            driver.kill()
+            for job in (sweep / ".submitit").glob("*_*"):  # leave the cluster free
+                subprocess.run(["scancel", job.name], check=False)
+            pytest.fail(f"job 0 wrote no checkpoint in time\n{diagnostics(driver, sweep)}")
         job_id = next(d.name for d in (sweep / ".submitit").iterdir() if d.name.endswith("_0"))
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         output, _ = driver.communicate(timeout=600)
