@@ -78,21 +78,27 @@ def random_resized_crop_boxes(
     ratio=(3 / 4, 4 / 3),
     device=None,
     generator=None,
+    whole_pixels: bool = True,
 ) -> torch.Tensor:
-    """Per-image whole-pixel crop boxes [n, 4] (x1, y1, x2, y2), int64, like RandomResizedCrop.
+    """Per-image crop boxes [n, 4] (x1, y1, x2, y2) like RandomResizedCrop.
 
-    Area fraction ~ U(scale), log aspect ~ U(log ratio), sides rounded to whole pixels; boxes
-    that do not fit are shrunk to fit instead of re-drawn (a vectorised stand-in for
-    torchvision's 10 tries); the position is uniform over the places the box fits.
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); boxes that do not fit are shrunk to
+    fit instead of re-drawn (a vectorised stand-in for torchvision's 10 tries). Whole pixels
+    (int64, torchvision's boxes): sides rounded, the position uniform over the places the box
+    fits. Otherwise (float32, same draws): sides and position continuous, for `subpixel_crops`.
     """
     area = height * width
     u = torch.rand(n, 3, device=device, generator=generator)
     target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     aspect = torch.exp(log_r)
-    w = torch.sqrt(target * aspect).round().clamp(1, width)
-    h = torch.sqrt(target / aspect).round().clamp(1, height)
+    w, h = torch.sqrt(target * aspect), torch.sqrt(target / aspect)
     pos = torch.rand(n, 2, device=device, generator=generator)
+    if not whole_pixels:
+        w, h = w.clamp(max=width), h.clamp(max=height)
+        x1, y1 = pos[:, 0] * (width - w), pos[:, 1] * (height - h)
+        return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+    w, h = w.round().clamp(1, width), h.round().clamp(1, height)
     x1 = torch.minimum((pos[:, 0] * (width - w + 1)).floor(), width - w)
     y1 = torch.minimum((pos[:, 1] * (height - h + 1)).floor(), height - h)
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).long()
@@ -126,6 +132,37 @@ def resized_crops(
             align_corners=False,
         )[0]
         out[i].copy_(y.flip(-1) if mirror else y)
+    return out
+
+
+def subpixel_crops(
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    flip: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each image's continuous box [n, 4] (float) resampled to size x size, mirrored where
+    `flip` [n] is set; float32 views (uint8 images keep their 0-255 scale).
+
+    torchvision's `roi_align` with `aligned=True` (pixel centres at +0.5, as in resizing) and
+    adaptive sampling (ceil(box side / size) bilinear samples per output pixel and axis): an
+    enlarging crop is plain bilinear, a shrinking one averages like a box filter. Unlike
+    whole-pixel boxes, the crop's scale and its sampling phase vary continuously, which is
+    a richer augmentation when boxes are only a few pixels wide (small stored images).
+    """
+    from torchvision.ops import roi_align  # only this path needs it
+
+    n = x.shape[0]
+    xf = x.float().contiguous()
+    index = torch.arange(n, device=x.device, dtype=torch.float32)[:, None]
+    rois = torch.cat([index, boxes.to(device=x.device, dtype=torch.float32)], 1)
+    y = roi_align(xf, rois, output_size=(size, size), sampling_ratio=0, aligned=True)
+    if flip is not None and bool(flip.any()):
+        y = torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
+    if out is None:
+        return y
+    out.copy_(y)
     return out
 
 
@@ -372,6 +409,9 @@ class MultiCrop:
     flip 0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, blur 1.0 / 0.1 /
     0.5 (global 1 / global 2 / locals), solarize 0.2 on global 2 only. Sizes are parameters
     so small images (the 64 px synthetic set) use proportionally small crops.
+
+    `subpixel_boxes`: crop continuous boxes (`subpixel_crops`, roi_align) instead of
+    torchvision's whole-pixel ones. Same draws; it matters when boxes are a few pixels wide.
     """
 
     def __init__(
@@ -389,8 +429,10 @@ class MultiCrop:
         solarize_p: float = 0.2,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        subpixel_boxes: bool = False,
     ) -> None:
         gs, ls = tuple(global_scale), tuple(local_scale)
+        self.subpixel_boxes = subpixel_boxes
         self.views = [
             ViewRecipe(global_size, gs, blur_p[0], 0.0),
             ViewRecipe(global_size, gs, blur_p[1], solarize_p),
@@ -405,7 +447,10 @@ class MultiCrop:
     def draw(self, b: int, h: int, w: int, recipe: ViewRecipe, device, generator=None):
         """All random choices (a `ViewDraw`) of one view for b images of h x w pixels."""
         dev = device
-        boxes = random_resized_crop_boxes(b, h, w, recipe.scale, device=dev, generator=generator)
+        boxes = random_resized_crop_boxes(
+            b, h, w, recipe.scale, device=dev, generator=generator,
+            whole_pixels=not self.subpixel_boxes,
+        )  # fmt: skip
         flip = _bernoulli(b, self.flip_p, dev, generator)
         jitter_u = torch.rand(b, 4, device=dev, generator=generator) * 2 - 1
         jitter = _bernoulli(b, self.jitter_p, dev, generator)
@@ -461,9 +506,10 @@ class MultiCrop:
             per_image = _cpu_finish_args(d, bright, contrast, matrices, blur, b)
             fixed = {"gray_w": gray_w, "mean": mean, "std": std}
             fixed = {k: v.flatten().numpy() for k, v in fixed.items()}
+        crop = subpixel_crops if self.subpixel_boxes else resized_crops
         for lo in range(0, b, chunk):
             sl = slice(lo, min(lo + chunk, b))
-            y = resized_crops(src[sl], d.boxes[sl], size, d.flip[sl], out[sl])
+            y = crop(src[sl], d.boxes[sl], size, d.flip[sl], out[sl])
             if dev.type == "cpu":
                 part = {k: v[sl] for k, v in per_image.items()}
                 finish_views_(y.numpy(), src.dtype == torch.uint8, **part, **fixed)

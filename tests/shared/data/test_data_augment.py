@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,72 @@ def test_boxes_area_and_aspect_within_range():
     assert abs(aspect.log().mean().item()) < 0.01
     # positions spread over the free space
     assert x1.double().std() > 1 and y1.double().std() > 1
+
+
+def _roi_align_reference(x: np.ndarray, box, size: int) -> np.ndarray:
+    """roi_align (aligned, adaptive sampling) of one image written out per output pixel:
+    n = ceil(side / size) samples per bin and axis, bilinear, clamped at the border."""
+    _, h, w = x.shape
+    x1, y1, x2, y2 = (float(v) - 0.5 for v in box)  # aligned: pixel centres at +0.5
+    bin_h, bin_w = (y2 - y1) / size, (x2 - x1) / size
+    ny, nx = math.ceil(bin_h), math.ceil(bin_w)
+
+    def taps(pos: float, n_in: int):
+        if pos < -1 or pos > n_in:
+            return []
+        pos = max(pos, 0.0)
+        low = int(pos)
+        if low >= n_in - 1:
+            return [(n_in - 1, 1.0)]
+        return [(low, 1 - (pos - low)), (low + 1, pos - low)]
+
+    out = np.zeros((x.shape[0], size, size))
+    for i in range(size):
+        for j in range(size):
+            acc = np.zeros(x.shape[0])
+            for a in range(ny):
+                for b in range(nx):
+                    py = y1 + i * bin_h + (a + 0.5) * bin_h / ny
+                    px = x1 + j * bin_w + (b + 0.5) * bin_w / nx
+                    for r, wy in taps(py, h):
+                        for c, wx in taps(px, w):
+                            acc += wy * wx * x[:, r, c]
+            out[:, i, j] = acc / (ny * nx)
+    return out
+
+
+def test_subpixel_crops_equal_a_per_pixel_roi_align():
+    """Continuous boxes, enlarging and shrinking (2-3 samples per bin), flipped or not."""
+    x = (_rand(6, 3, 20, 17, seed=4) * 255).to(torch.uint8)
+    boxes = torch.tensor(
+        [[0.0, 0.0, 17.0, 20.0], [2.3, 1.7, 9.8, 6.1], [0.4, 3.2, 16.9, 19.6],
+         [5.5, 5.5, 6.7, 7.9], [1.25, 0.5, 13.75, 19.0], [0.0, 10.2, 3.3, 20.0]]
+    )  # fmt: skip
+    flip = torch.tensor([False, True, False, True, True, False])
+    got = A.subpixel_crops(x.contiguous(memory_format=torch.channels_last), boxes, 7, flip)
+    assert got.dtype == torch.float32 and got.shape == (6, 3, 7, 7)
+    for i in range(6):
+        ref = _roi_align_reference(x[i].double().numpy(), boxes[i], 7)
+        ref = ref[:, :, ::-1] if flip[i] else ref
+        np.testing.assert_allclose(got[i].numpy(), ref, atol=2e-3, rtol=0)
+
+
+def test_subpixel_boxes_are_the_whole_pixel_draws_unrounded():
+    h, w = 37, 53
+    exact = A.random_resized_crop_boxes(3000, h, w, (0.02, 1.0), generator=_gen(8))
+    cont = A.random_resized_crop_boxes(3000, h, w, (0.02, 1.0), generator=_gen(8),
+                                       whole_pixels=False)  # fmt: skip
+    assert cont.dtype == torch.float32
+    x1, y1, x2, y2 = cont.unbind(1)
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w + 1e-4).all() and (y2 <= h + 1e-4).all()
+    sides = torch.stack([x2 - x1, y2 - y1], 1)
+    whole = torch.stack([exact[:, 2] - exact[:, 0], exact[:, 3] - exact[:, 1]], 1)
+    assert ((sides - whole).abs() <= 0.5 + 1e-4).all()  # the same draws, rounded or not
+    inside = (sides[:, 0] < w) & (sides[:, 1] < h)  # sides not clamped to the image's
+    assert (sides[inside] != sides[inside].round()).all()  # are really continuous
+    # positions spread over the whole range a box can take, not only whole pixels
+    frac = x1 - x1.floor()
+    assert frac.std() > 0.25
 
 
 def test_hflip_per_image():
@@ -299,7 +366,13 @@ def test_train_transform_shapes_and_range():
 def _per_op_view(mc: A.MultiCrop, x: torch.Tensor, r: A.ViewRecipe, g) -> torch.Tensor:
     """One view of uint8 images by the public per-op functions in turn (each tested above
     against torchvision): the reference for MultiCrop's chunked, in-place path."""
-    y = A.to_float(A.random_resized_crop(x, r.size, r.scale, generator=g))
+    if mc.subpixel_boxes:
+        boxes = A.random_resized_crop_boxes(
+            len(x), *x.shape[2:], r.scale, generator=g, whole_pixels=False
+        )
+        y = A.subpixel_crops(x, boxes, r.size) / 255
+    else:
+        y = A.to_float(A.random_resized_crop(x, r.size, r.scale, generator=g))
     y = A.random_hflip(y, mc.flip_p, g)
     y = A.color_jitter(y, *mc.jitter, p=mc.jitter_p, generator=g)
     y = A.random_grayscale(y, mc.grayscale_p, g)
@@ -320,14 +393,15 @@ def _per_op_view(mc: A.MultiCrop, x: torch.Tensor, r: A.ViewRecipe, g) -> torch.
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("chunk_floats", [None, 3000])  # one chunk / a chunk per 1-2 images
-def test_multicrop_equals_the_per_op_functions(monkeypatch, sizes, kwargs, chunk_floats):
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_multicrop_equals_the_per_op_functions(monkeypatch, sizes, kwargs, chunk_floats, subpixel):
     """Same generator state -> the same views as the per-op composition, to float rounding:
     the fused path changes how the views are computed, not what is drawn."""
     if chunk_floats:
         monkeypatch.setattr(A, "_CPU_CHUNK_FLOATS", chunk_floats)
     stored, global_size, local_size, n_local = sizes
     images = (_rand(7, 3, stored, stored, seed=11) * 255).to(torch.uint8)
-    mc = A.MultiCrop(global_size, local_size, n_local, **kwargs)
+    mc = A.MultiCrop(global_size, local_size, n_local, **kwargs, subpixel_boxes=subpixel)
     views = mc(images, generator=_gen(5))
     g, x = _gen(5), images
     ref = [_per_op_view(mc, x, r, g) for r in mc.views]
