@@ -41,7 +41,8 @@ Where lightly's API cannot take ours' values, or differs by design:
     doubled, so all views jitter alike, and replace its local views by `DINOViewTransform`s
     whose sigma range is scaled by 32 / 224 (globals by 64 / 224): ours scales the official
     radius U(0.1, 2) by crop size / 224 per view;
-  - PIL bicubic crops (lightly) vs antialiased bilinear uint8 crops (ours); torchvision's
+  - PIL bicubic crops of whole-pixel boxes (lightly) vs continuous boxes resampled by
+    roi_align (ours, `module.multicrop.subpixel_boxes`); torchvision's
     ColorJitter applies its four factors in a random order, ours in a fixed one.
   - the teacher head starts as a copy of the student head, as in the official code and ours
     (lightly's examples build a second, independently initialised head).
