@@ -180,7 +180,8 @@ def prepare(cfg: dict, root: Path, batch_size: int) -> tuple[StoreDataModule, Pa
 
 def loaders(dm, folder, cfg, workers, batch_size, args) -> list[tuple[str, DataLoader]]:
     """(name, loader) of every pipeline at `workers` loader processes."""
-    mc = MultiCrop(cfg["global_size"], cfg["local_size"], cfg["n_local"])
+    mc = MultiCrop(cfg["global_size"], cfg["local_size"], cfg["n_local"],
+                   subpixel_boxes=cfg["subpixel_boxes"])  # fmt: skip
     on_gpu = args.device.type == "cuda"
     dm.num_workers, dm.pin_memory = workers, on_gpu
     dm.set_train_batch_transform(None if on_gpu else mc)  # augment_in=auto's choice
@@ -206,7 +207,8 @@ def loaders(dm, folder, cfg, workers, batch_size, args) -> list[tuple[str, DataL
 # ---- timing -------------------------------------------------------------------------------
 def make_steps(cfg: dict, device: torch.device) -> dict:
     """What each pipeline does with a fetched batch; all end with the views on `device`."""
-    mc = MultiCrop(cfg["global_size"], cfg["local_size"], cfg["n_local"])
+    mc = MultiCrop(cfg["global_size"], cfg["local_size"], cfg["n_local"],
+                   subpixel_boxes=cfg["subpixel_boxes"])  # fmt: skip
 
     def ours(b):
         if "views" in b:  # augmented in the loader
@@ -395,7 +397,8 @@ def print_report(res: dict) -> None:
     cfg, d = res["config"], res["data"]
     print(
         f"\ncrops {cfg['global_size']}/{cfg['local_size']}x{cfg['n_local']} "
-        f"from {cfg['image_size']} px, {d['images']} images, batch {cfg['batch_size']}"
+        f"from {cfg['image_size']} px, {d['images']} images, batch {cfg['batch_size']}, "
+        f"{'continuous' if cfg['subpixel_boxes'] else 'whole-pixel'} boxes"
     )
     print(
         f"{'pipeline':>9} {'workers':>7} {'threads':>7} {'img/s best':>10} "
@@ -455,6 +458,12 @@ def main() -> None:
         help="families for the official-size run (12 = 287 images, 4 batches of 64)",
     )
     ap.add_argument("--dino-reps", type=int, default=2, help="timed epochs at 224/96x8")
+    ap.add_argument(
+        "--subpixel-boxes",
+        action="store_true",
+        help="ours crops continuous boxes (module.multicrop.subpixel_boxes; the 64 px "
+        "config's default); default: whole-pixel boxes, the official recipe",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument(
@@ -492,7 +501,8 @@ def main() -> None:
     if args.dino_sizes:
         configs.append((256, args.dino_families, 224, 96, 8, args.dino_reps))
     keys = ("image_size", "families", "global_size", "local_size", "n_local", "reps")
-    configs = [{"name": f"{c[2]}/{c[3]}x{c[4]}", **dict(zip(keys, c))} for c in configs]
+    sub = {"subpixel_boxes": args.subpixel_boxes}
+    configs = [{"name": f"{c[2]}/{c[3]}x{c[4]}", **dict(zip(keys, c)), **sub} for c in configs]
     random.seed(0)  # the baseline's PIL transforms draw from `random`, ours from torch
     torch.manual_seed(0)
     t_start = time.perf_counter()
