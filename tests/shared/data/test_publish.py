@@ -41,6 +41,7 @@ class SlowSource(SyntheticSource):
         return super().load(indices, size)
 
 source = SlowSource(**{TINY!r})
+(go.parent / f"ready-{{os.getpid()}}").touch()
 while not go.exists():
     time.sleep(0.005)
 store = build_store(source, root, 16, progress=False)
@@ -60,7 +61,9 @@ def test_jobs_starting_together_build_the_store_once(tmp_path):
         )
         for _ in range(3)
     ]
-    time.sleep(0.5)
+    deadline = time.time() + 120  # start them together, once all three have imported
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
     go.touch()
     outputs = [job.communicate(timeout=300) for job in jobs]
     for job, (_, err) in zip(jobs, outputs):
