@@ -8,9 +8,10 @@ reader never sees a half-written or half-deleted directory.
 
 The lock is advisory: `fcntl.flock` on a hidden file beside the target, removed again when
 the build is done. The kernel drops it when the holder dies, so a killed build never blocks
-the next one. Where locking is not
-available (Windows, some network file systems) builds run unlocked: `publish` still keeps
-every reader safe, at the cost of duplicate work.
+the next one. Where locking is not available (Windows, some network file systems) builds run
+unlocked: `publish` still keeps every reader safe, at the cost of duplicate work.
+
+`build_once` puts the pieces together; the store and the synthetic data sets use it.
 """
 
 from __future__ import annotations
@@ -122,3 +123,25 @@ def publish(tmp: Path, target: Path, is_complete: Callable[[Path], bool]) -> boo
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return True
+
+
+def build_once(
+    target: str | Path, is_complete: Callable[[Path], bool], fill: Callable[[Path], None]
+) -> bool:
+    """Build `target` with `fill(tmp_dir)` unless a complete copy is there (also one another
+    process finished while we waited for the lock); True if this call built it. A failed
+    or interrupted `fill` leaves nothing behind; it may raise to refuse the build."""
+    target = Path(target)
+    if is_complete(target):
+        return False
+    with build_lock(target):
+        if is_complete(target):
+            return False
+        tmp = temp_dir(target)
+        try:
+            tmp.mkdir()
+            fill(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return publish(tmp, target, is_complete)

@@ -27,7 +27,7 @@ import torch
 from tensordict import TensorDict
 from tqdm.auto import tqdm
 
-from shared.data.publish import build_lock, publish, temp_dir
+from shared.data.publish import build_once
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,7 @@ def build_store(
     def is_built(at: Path) -> bool:
         return _store_key_at(at) == key
 
-    if is_built(path):
-        log.info("Reusing image store %s", path)
-        return ImageStore.open(path)
-    n = len(source)
-    if n == 0:
-        raise ValueError(f"data source {description.get('kind')} has no images")
-    with build_lock(path):  # jobs starting together build it once; the others wait
-        if is_built(path):
-            log.info("Reusing image store %s (built by another process)", path)
-            return ImageStore.open(path)
+    def fill(tmp: Path) -> None:
         if path.exists():
             log.warning(
                 "Store at %s was built from another source or size (key %s != %s): rebuilding",
@@ -115,23 +106,25 @@ def build_store(
                 _store_key_at(path),
                 key,
             )
-        tmp = temp_dir(path)
-        try:
-            meta = _write_store(source, tmp, image_size, chunk_size, progress, path.name)
-            meta = {
-                "key": key,
-                "version": STORE_VERSION,
-                "image_size": image_size,
-                "source": {k: v for k, v in description.items() if k != "files"},
-                **meta,
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta))
-        except BaseException:  # a failed or interrupted build leaves nothing behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if publish(tmp, path, is_built):
-            log.info("Built image store %s (%d images)", path, meta["num_images"])
-    return ImageStore.open(path)
+        meta = _write_store(source, tmp, image_size, chunk_size, progress, path.name)
+        meta = {
+            "key": key,
+            "version": STORE_VERSION,
+            "image_size": image_size,
+            "source": {k: v for k, v in description.items() if k != "files"},
+            **meta,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+    if not is_built(path) and len(source) == 0:
+        raise ValueError(f"data source {description.get('kind')} has no images")
+    built = build_once(path, is_built, fill)  # jobs starting together build it once
+    store = ImageStore.open(path)
+    if built:
+        log.info("Built image store %s (%d images)", path, len(store))
+    else:
+        log.info("Reusing image store %s", path)
+    return store
 
 
 def _store_key_at(path: Path) -> str | None:

@@ -29,7 +29,6 @@ import csv
 import json
 import math
 import random
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from shared.data.publish import build_lock, publish, temp_dir
+from shared.data.publish import build_once
 
 # Bump when a change alters any rendered byte or title: on-disk copies keyed on it go stale.
 GENERATOR_VERSION = 1
@@ -947,25 +946,13 @@ def _write_atomically(
     """
     out_dir = Path(out_dir)
 
-    def complete(at: Path) -> bool:
-        return _is_complete(at, marker)
-
-    if complete(out_dir):
-        return False
-    with build_lock(out_dir):
-        if complete(out_dir):
-            return False
+    def fill_new(tmp: Path) -> None:
         if out_dir.exists() and not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not this data set; pass overwrite=True")
-        tmp = temp_dir(out_dir)
-        try:
-            tmp.mkdir()
-            fill(tmp)
-            (tmp / _MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return publish(tmp, out_dir, complete)
+        fill(tmp)
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
+
+    return build_once(out_dir, lambda at: _is_complete(at, marker), fill_new)
 
 
 def _save_batch(
