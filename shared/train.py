@@ -1,17 +1,24 @@
 """The one training run both pipelines share, as a single linear function.
 
 seed -> data module, module, callbacks, loggers, trainer (all from `_target_` groups) ->
-fit (resuming from the run's own last.ckpt) -> test the best checkpoint -> return the metric
-a sweeper maximises.
+(score the untrained network) -> fit (resuming from the run's own last.ckpt; the last epoch
+is always validated and checkpointed) -> test the best checkpoint on the held-out split ->
+`results.json` and one closing line -> return the validation metric a sweeper maximises.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from shared.callbacks.final_validation import ValidateLastEpoch
+from shared.callbacks.progress_log import ProgressLog
 from shared.config import prepare_environment
 from shared.instantiate import instantiate, instantiate_group, save_resolved_config
 from shared.resume import check_compatible, resume_checkpoint
@@ -23,26 +30,79 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float | None:
+    try:
+        return _run(cfg)
+    except Exception:
+        # Hydra prints the traceback to stderr only; the run's own log must hold it too
+        log.exception("Run failed")
+        raise
+
+
+def _run(cfg: DictConfig) -> float | None:
     prepare_environment(cfg.get("wandb_online", False))
     L.seed_everything(cfg.seed, workers=True)
-    save_resolved_config(cfg, cfg.paths.output_dir)
+    out = Path(cfg.paths.output_dir)
+    save_resolved_config(cfg, out)
 
     datamodule = instantiate(cfg.data, "data")
     module = instantiate(cfg.module, "module")
-    # + parameter and FLOPs summary, at the first evaluation or fit start (once data is set up)
-    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + [RunSummaryCallback()]
+    # + parameter and FLOPs summary (at the first evaluation or fit start, once data is set
+    # up), a validation of the last epoch whatever the cadence, and plain progress lines
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    callbacks += [RunSummaryCallback(), ValidateLastEpoch(), ProgressLog()]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
-    ckpt = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.auto_resume)
+    results: dict = {"run_dir": str(out)}
+    ckpt = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.auto_resume)
     if ckpt:
         check_compatible(ckpt, module)
-    elif cfg.get("eval_at_init"):
-        trainer.validate(module, datamodule=datamodule)  # the untrained network's figures
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    elif cfg.get("eval_at_init"):  # the untrained network's figures: the baseline
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        if cfg.get("test"):
+            scores = trainer.test(module, datamodule=datamodule, verbose=False)
+            results["untrained_test"] = _first(scores)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except SIGTERMException:
+        # Lightning ends a fit stopped by SIGTERM with exit code 0, so the run looks finished.
+        # Under SLURM submitit owns the signals and requeues: keep Lightning's exit there.
+        if "SLURM_JOB_ID" in os.environ:
+            raise
+        raise SystemExit(
+            f"Run stopped by SIGTERM at epoch {trainer.current_epoch + 1}, not finished: "
+            f"restart the same command with hydra.run.dir={out} to resume"
+        ) from None
     metric = final_metric(trainer, cfg.get("optimized_metric"))
+    results["optimized_metric"] = {cfg.get("optimized_metric"): metric}
 
     if cfg.get("test"):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))
+        best = best_checkpoint(trainer)
+        results["best_checkpoint"] = best
+        scores = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results["test"] = _first(scores)
     finish_loggers(loggers)  # close the W&B run: a sweep's next job starts its own
+    if trainer.is_global_zero:
+        _write_results(out, results)
     return metric
+
+
+def _first(outputs: list[dict]) -> dict:
+    """The test metrics of `trainer.test` (one dict per loader, each holding all of them)."""
+    return {k: float(v) for k, v in (outputs[0] if outputs else {}).items()}
+
+
+def _write_results(out: Path, results: dict) -> None:
+    """`results.json` (atomically) and the closing line: where the run is, what it scored."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".results.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    test = results.get("test") or {}
+    figures = ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items())) or "not tested"
+    log.info(
+        "Run finished: %s | best checkpoint: %s | test: %s",
+        out,
+        results.get("best_checkpoint") or "none",
+        figures,
+    )

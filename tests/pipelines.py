@@ -1,7 +1,9 @@
 """Both pipelines through their real command line, in subprocesses, on tiny data.
 
 Shared by the sweep, SLURM and DDP tests: each pipeline's tiny overrides, and `cli()` that
-runs `python <pipeline>/run.py ...` with every output under the test's tmp_path.
+runs `python <pipeline>/run.py ...` as a user types it, with only budget overrides and the
+log / data folders under the test's tmp_path; `run_dir()` and `sweep_dir()` find where the
+command wrote, as a user would.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from tests.conftest import REPO, TINY_SYNTHETIC
 
 SCRIPTS = {"ssl": "ssl/run.py", "matching": "product-matching/run.py"}
+LOG_NAMES = {"ssl": "ssl", "matching": "product-matching"}  # the config's `pipeline`
 
 
 def _replace(base: list[str], *extra: str) -> list[str]:
@@ -57,12 +60,12 @@ TINY = {
     ],
 }
 
-# A few batches per epoch, validated (and checkpointed) every epoch, no progress bars.
+# A few batches per epoch, validated (and checkpointed) every epoch. No progress-bar switch:
+# output to a pipe gets plain log lines by itself, as a user's nohup or SLURM log does.
 SHORT = [
     "trainer.max_epochs=2",
     "+trainer.limit_train_batches=2",
     "trainer.check_val_every_n_epoch=1",
-    "trainer.enable_progress_bar=false",
 ]
 
 
@@ -73,17 +76,11 @@ def cli(
     multirun: bool = False,
     data_dir: Path | None = None,
 ) -> list[str]:
-    """The command line of one run (`hydra.run.dir`) or sweep (`hydra.sweep.dir`);
+    """The command line of one run or sweep, writing under `tmp_path / "logs"`;
     `overrides` replace the tiny defaults of the same key."""
-    dirs = (
-        [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-        if multirun
-        else [f"hydra.run.dir={tmp_path / 'run'}"]
-    )
     base = [
         *TINY[pipeline],
         *SHORT,
-        *dirs,
         f"paths.data_dir={data_dir or tmp_path / 'data'}",
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
@@ -93,6 +90,24 @@ def cli(
         *(["-m"] if multirun else []),
         *_replace(base, *overrides),
     ]
+
+
+def _only(paths: list[Path], what: str) -> Path:
+    if len(paths) != 1:
+        raise AssertionError(f"expected one {what}, found {[str(p) for p in paths]}")
+    return paths[0]
+
+
+def run_dir(pipeline: str, tmp_path: Path, task: str = "*") -> Path:
+    """The one run directory `logs/<pipeline>/<task>/runs/<time>/` under tmp_path."""
+    found = sorted((tmp_path / "logs" / LOG_NAMES[pipeline]).glob(f"{task}/runs/*"))
+    return _only(found, "run directory")
+
+
+def sweep_dir(pipeline: str, tmp_path: Path) -> Path:
+    """The one sweep directory `logs/<pipeline>/multiruns/<time>/` under tmp_path."""
+    found = sorted((tmp_path / "logs" / LOG_NAMES[pipeline] / "multiruns").glob("*"))
+    return _only(found, "sweep directory")
 
 
 def env() -> dict[str, str]:

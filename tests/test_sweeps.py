@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.pipelines import cli, run
+from tests.pipelines import cli, run, sweep_dir
 
 QUICK = ["test=false", "eval_at_init=false", "logger=none"]
 METRIC = {"ssl": "val/knn_top1@20", "matching": "val/f1"}
@@ -25,7 +25,7 @@ def best_score(job_dir):
 def test_local_multirun_runs_every_value(tmp_path):
     out = run(cli("ssl", tmp_path, "seed=0,1", *QUICK, multirun=True))
     assert out.returncode == 0, out.stderr[-3000:]
-    sweep = tmp_path / "sweep"
+    sweep = sweep_dir("ssl", tmp_path)
     for num, seed in ((0, 0), (1, 1)):
         job = sweep / str(num)
         assert f"seed={seed}" in OmegaConf.load(job / ".hydra" / "overrides.yaml")
@@ -33,7 +33,9 @@ def test_local_multirun_runs_every_value(tmp_path):
     assert (sweep / "multirun.yaml").is_file()
 
 
-def optuna_sweep(pipeline, tmp_path, n_trials):
+def optuna_sweep(pipeline, tmp_path, n_trials, *again):
+    """`python <pipeline>/run.py hparams_search=<pipeline>_optuna` as the README has it (no
+    -m: the search config sets multirun mode), plus `again` (the README's study resume)."""
     out = run(
         cli(
             pipeline,
@@ -41,11 +43,11 @@ def optuna_sweep(pipeline, tmp_path, n_trials):
             f"hparams_search={pipeline}_optuna",
             f"hydra.sweeper.n_trials={n_trials}",
             *QUICK,
-            multirun=True,
+            *again,
         )
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    sweep = tmp_path / "sweep"
+    sweep = sweep_dir(pipeline, tmp_path)
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     return sweep, optuna.load_study(study_name=f"{pipeline}_optuna", storage=storage)
 
@@ -75,7 +77,7 @@ def test_optuna_best_value_is_the_best_jobs_metric(tmp_path, pipeline):
 def test_optuna_sweep_resumes_its_study_in_new_job_dirs(tmp_path):
     sweep, _ = optuna_sweep("ssl", tmp_path, 2)
     first = {p: p.stat().st_mtime_ns for p in sweep.glob("*/job_return.yaml")}
-    _, study = optuna_sweep("ssl", tmp_path, 2)
+    _, study = optuna_sweep("ssl", tmp_path, 2, f"hydra.sweep.dir={sweep}")
     assert len(study.trials) == 4
     assert {p: p.stat().st_mtime_ns for p in first} == first  # earlier trials untouched
     assert sorted(p.parent.name for p in sweep.glob("*/job_return.yaml")) == [
@@ -91,7 +93,7 @@ def test_optuna_sweep_resumes_its_study_in_new_job_dirs(tmp_path):
 def test_local_submitit_launcher_runs_jobs_as_processes(tmp_path):
     out = run(cli("matching", tmp_path, "hydra/launcher=local", "seed=0,1", *QUICK, multirun=True))
     assert out.returncode == 0, out.stderr[-3000:]
-    sweep = tmp_path / "sweep"
+    sweep = sweep_dir("matching", tmp_path)
     records = [OmegaConf.load(sweep / str(n) / "job_return.yaml") for n in (0, 1)]
     assert [r.status for r in records] == ["COMPLETED", "COMPLETED"]
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2

@@ -37,7 +37,9 @@ def synthetic_postings(root: str | Path, spec: dict) -> Path:
 
 
 class ProductsDataModule(StoreDataModule):
-    """Train on every fold but `fold`; validate and test on fold `fold` (one loader)."""
+    """Validate on fold `fold` (checkpoint and threshold are chosen there), test on fold
+    `test_fold` (default: the next one), train on the others. Folds are group-disjoint, so
+    the test groups are never seen in training nor used for any choice."""
 
     VAL_LOADERS = ("fold",)
 
@@ -50,6 +52,7 @@ class ProductsDataModule(StoreDataModule):
         synthetic_dir: str | None = None,
         fold: int = 0,
         n_folds: int = 5,
+        test_fold: int | None = None,
         skip_corrupt: bool = False,
         **kwargs,
     ) -> None:
@@ -59,11 +62,18 @@ class ProductsDataModule(StoreDataModule):
                 f"data.fold={fold} is out of range: n_folds={n_folds} "
                 f"(valid folds 0..{n_folds - 1})"
             )
+        test_fold = (fold + 1) % n_folds if test_fold is None else test_fold
+        if not 0 <= test_fold < n_folds or test_fold == fold:
+            raise ValueError(
+                f"data.test_fold={test_fold} must be a fold in 0..{n_folds - 1} other than "
+                f"data.fold={fold} (the validation fold)"
+            )
         if csv_path is None and not synthetic:
             raise ValueError("set data.csv_path (your postings CSV) or data.synthetic")
         self.csv_path, self.image_dir = csv_path, image_dir
         self.synthetic, self.synthetic_dir = dict(synthetic or {}), synthetic_dir
-        self.fold, self.n_folds, self.skip_corrupt = fold, n_folds, skip_corrupt
+        self.fold, self.test_fold, self.n_folds = fold, test_fold, n_folds
+        self.skip_corrupt = skip_corrupt
         self.folds: np.ndarray | None = None
 
     def _source(self) -> CsvSource:
@@ -95,10 +105,16 @@ class ProductsDataModule(StoreDataModule):
             frame, self.store.path / f"folds{self.n_folds}.json", self.n_folds
         )
         val = np.flatnonzero(self.folds == self.fold)
-        train = np.flatnonzero(self.folds != self.fold)
-        if len(val) == 0:
-            raise ValueError(f"fold {self.fold} of {self.n_folds} is empty: no validation rows")
-        return train, val
+        test = np.flatnonzero(self.folds == self.test_fold)
+        train = np.flatnonzero((self.folds != self.fold) & (self.folds != self.test_fold))
+        for name, rows in (("data.fold", val), ("data.test_fold", test), ("training", train)):
+            if len(rows) == 0:
+                raise ValueError(
+                    f"{name} has no rows: {len(val)} validation, {len(test)} test and "
+                    f"{len(train)} training rows in {self.n_folds} folds (fold={self.fold}, "
+                    f"test_fold={self.test_fold})"
+                )
+        return train, val, test
 
     @property
     def postings(self):
@@ -107,7 +123,7 @@ class ProductsDataModule(StoreDataModule):
         return self.source.frame.set_index("posting_id").loc[self.store.ids].reset_index()
 
     def val_dataloader(self):
-        return [self.query_dataloader()]
+        return [self.query_dataloader("val")]
 
     def test_dataloader(self):
-        return self.val_dataloader()
+        return [self.query_dataloader("test")]

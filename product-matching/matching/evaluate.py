@@ -40,10 +40,12 @@ def sweep_embeddings(
 
 
 class MatchingEvalCallback(EmbeddingCallback):
-    """Logs best-threshold F1 / precision / recall, Recall@1 and mAP@R of the validation fold.
+    """Validation: the best-threshold F1 / precision / recall, Recall@1 and mAP@R of the
+    validation fold. Test: F1 / precision / recall at the threshold chosen on validation
+    (never re-chosen on the test fold), Recall@1 and mAP@R.
 
-    Keeps the best threshold in its state (saved inside every checkpoint), so inference
-    from the best checkpoint uses the threshold chosen at that evaluation.
+    Keeps the chosen threshold in its state (saved inside every checkpoint), so testing and
+    inference from the best checkpoint use the threshold chosen at that evaluation.
     """
 
     def __init__(
@@ -74,8 +76,15 @@ class MatchingEvalCallback(EmbeddingCallback):
     def evaluate(self, data, trainer) -> dict[str, float]:
         fold = data[self.loader]
         emb, labels = fold["embeddings"].numpy(), fold["labels"].numpy()
+        testing = trainer.testing
+        if testing and self.threshold is None:
+            raise RuntimeError(
+                "test needs the threshold chosen on validation, and no validation has run "
+                "(or the tested checkpoint holds none)"
+            )
+        thresholds = np.array([self.threshold]) if testing else self.thresholds
         result, _, _ = sweep_embeddings(
-            emb, labels, self.thresholds, self.k, self.min2, self.blend_k, self.blend_threshold,
+            emb, labels, thresholds, self.k, self.min2, self.blend_k, self.blend_threshold,
             **self.search,
         )  # fmt: skip
         b = result.best_index
@@ -87,7 +96,7 @@ class MatchingEvalCallback(EmbeddingCallback):
         }
         if len(np.unique(labels)) < len(labels):
             metrics.update(retrieval_metrics(emb, labels, ks=(1,)))
-        if not trainer.sanity_checking:
+        if not (trainer.sanity_checking or testing):
             self.threshold = result.best_threshold
             if trainer.is_global_zero and self.plot_dir:
                 self._write(Path(self.plot_dir), result, trainer, metrics)
@@ -110,4 +119,5 @@ class MatchingEvalCallback(EmbeddingCallback):
 
     def load_state_dict(self, state_dict):
         self.threshold = state_dict.get("threshold")
-        self.history = list(state_dict.get("history", []))
+        if not (self.restoring_for_test and self.history):
+            self.history = list(state_dict.get("history", []))

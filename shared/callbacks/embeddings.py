@@ -20,6 +20,18 @@ class EmbeddingCallback(Callback):
     def __init__(self, every_n_epochs: int = 1) -> None:
         self.every_n_epochs = every_n_epochs
         self._parts: dict[int, list[dict]] = defaultdict(list)
+        self._stage: str | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Lightning calls setup before it restores a checkpoint's callback states, so
+        # `load_state_dict` knows whether it resumes a fit or prepares a test.
+        self._stage = stage
+
+    @property
+    def restoring_for_test(self) -> bool:
+        """True while a test restores the checkpoint it scores: the evaluation history of
+        this run (every validation so far) must then survive, not roll back to that epoch."""
+        return self._stage == "test"
 
     def _due(self, trainer) -> bool:
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs

@@ -54,7 +54,8 @@ class KNNCallback(EmbeddingCallback):
         # Names stay those of the config (a monitor needs them); k beyond the bank is capped.
         n_bank = len(bank["labels"])
         metrics = {f"knn_top1@{k}": acc[min(k, n_bank)] for k in self.ks}
-        if not trainer.sanity_checking and trainer.is_global_zero and self.history_dir:
+        validating = not (trainer.sanity_checking or trainer.testing)
+        if validating and trainer.is_global_zero and self.history_dir:
             self.history.append(
                 {"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
             )
@@ -80,4 +81,5 @@ class KNNCallback(EmbeddingCallback):
         return {"history": self.history}
 
     def load_state_dict(self, state_dict):
-        self.history = list(state_dict.get("history", []))
+        if not (self.restoring_for_test and self.history):
+            self.history = list(state_dict.get("history", []))

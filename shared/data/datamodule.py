@@ -61,43 +61,65 @@ class TransformBatch:
 
 
 def split_indices(
-    labels: np.ndarray, val_fraction: float, split_by: str = "instance", seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train / val row indices.
+    labels: np.ndarray,
+    val_fraction: float,
+    split_by: str = "instance",
+    seed: int = 0,
+    test_fraction: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / val / test row indices; test is empty when `test_fraction` is 0.
 
     `instance`: every class keeps at least one image in train and gives about
-    `val_fraction` of its images to val (the kNN protocol: queries of known classes).
-    `class`: whole classes go to val (the SOP / CUB protocol for metric learning).
+    `val_fraction` of its images to val and `test_fraction` to test (the kNN protocol:
+    queries of known classes). `class`: whole classes go to val and to test (the SOP / CUB
+    protocol for metric learning). Val chooses checkpoints and hyper-parameters; test is
+    scored once, at the end, so its figures are not selected on.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0 or (key == "val_fraction" and value == 0.0):
+            expected = "(0, 1)" if key == "val_fraction" else "[0, 1)"
+            raise ValueError(f"data.{key} must be in {expected}, got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"data.val_fraction + data.test_fraction must be below 1 (train needs images), "
+            f"got {val_fraction} + {test_fraction}"
+        )
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     classes = np.unique(labels)
+    split = np.zeros(len(labels), dtype=np.int8)  # 0 train, 1 val, 2 test
     if split_by == "class":
-        chosen = rng.permutation(classes)[: max(1, round(val_fraction * len(classes)))]
-        is_val = np.isin(labels, chosen)
+        order = rng.permutation(classes)
+        n_val = max(1, round(val_fraction * len(classes)))
+        n_test = round(test_fraction * len(classes))
+        if test_fraction > 0:
+            n_test = max(1, n_test)
+        split[np.isin(labels, order[:n_val])] = 1
+        split[np.isin(labels, order[n_val : n_val + n_test])] = 2
     elif split_by == "instance":
-        is_val = np.zeros(len(labels), dtype=bool)
         for c in classes:
             rows = rng.permutation(np.flatnonzero(labels == c))
-            n_val = min(len(rows) - 1, int(round(val_fraction * len(rows))))
-            is_val[rows[:n_val]] = True
+            n_test = min(len(rows) - 1, int(round(test_fraction * len(rows))))
+            n_val = min(len(rows) - 1 - n_test, int(round(val_fraction * len(rows))))
+            split[rows[:n_val]] = 1
+            split[rows[n_val : n_val + n_test]] = 2
     else:
         raise ValueError(f"data.split_by must be 'instance' or 'class', got {split_by!r}")
-    train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    if len(train) == 0 or len(val) == 0:
+    train, val, test = (np.flatnonzero(split == k) for k in range(3))
+    if len(train) == 0 or len(val) == 0 or (test_fraction > 0 and len(test) == 0):
         raise ValueError(
-            f"empty split: {len(train)} train and {len(val)} val images from {len(labels)} "
-            f"images in {len(classes)} classes (val_fraction={val_fraction}, split_by={split_by})"
+            f"empty split: {len(train)} train, {len(val)} val and {len(test)} test images from "
+            f"{len(labels)} images in {len(classes)} classes (val_fraction={val_fraction}, "
+            f"test_fraction={test_fraction}, split_by={split_by})"
         )
-    return train, val
+    return train, val, test
 
 
 class StoreDataModule(LightningDataModule):
-    """Train on the train split; validate/test on [bank = train un-augmented, query = val].
+    """Train on the train split; validate on [bank = train un-augmented, query = val] and
+    test on [bank = train un-augmented, query = test], the held-out split.
 
-    Validation dataloader 0 is the kNN bank, 1 the queries (see `VAL_LOADERS`).
+    Validation and test dataloader 0 is the kNN bank, 1 the queries (see `VAL_LOADERS`).
     """
 
     VAL_LOADERS = ("bank", "query")
@@ -110,6 +132,7 @@ class StoreDataModule(LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 256,
         val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
         split_by: str = "instance",
         num_workers: int = 0,
         seed: int = 0,
@@ -122,11 +145,12 @@ class StoreDataModule(LightningDataModule):
         self.source = source
         self.store_root, self.image_size = store_root, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_fraction, self.split_by, self.seed = val_fraction, split_by, seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.split_by, self.seed = split_by, seed
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.store_name, self.store_path = store_name, store_path
         self.store: ImageStore | None = None
-        self.train_indices = self.val_indices = None
+        self.train_indices = self.val_indices = self.test_indices = None
         self.train_batch_transform = None
 
     def set_train_batch_transform(self, transform) -> None:
@@ -151,10 +175,13 @@ class StoreDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.store is None:
             self.store = self._build()
-            self.train_indices, self.val_indices = self.make_splits()
+            self.train_indices, self.val_indices, self.test_indices = self.make_splits()
 
-    def make_splits(self) -> tuple[np.ndarray, np.ndarray]:
-        return split_indices(self.store.labels.numpy(), self.val_fraction, self.split_by, self.seed)
+    def make_splits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return split_indices(
+            self.store.labels.numpy(), self.val_fraction, self.split_by, self.seed,
+            self.test_fraction,
+        )  # fmt: skip
 
     @property
     def num_classes(self) -> int:
@@ -190,11 +217,16 @@ class StoreDataModule(LightningDataModule):
     def bank_dataloader(self) -> DataLoader:
         return self._loader(self.train_indices, False, self.eval_batch_size, False)
 
-    def query_dataloader(self) -> DataLoader:
-        return self._loader(self.val_indices, False, self.eval_batch_size, False)
+    def query_dataloader(self, split: str = "val") -> DataLoader:
+        rows = self.val_indices if split == "val" else self.test_indices
+        if split == "test" and len(rows) == 0:
+            raise ValueError(
+                "no test split: data.test_fraction is 0 (set it above 0, or test=false)"
+            )
+        return self._loader(rows, False, self.eval_batch_size, False)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.bank_dataloader(), self.query_dataloader()]
+        return [self.bank_dataloader(), self.query_dataloader("val")]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
+        return [self.bank_dataloader(), self.query_dataloader("test")]

@@ -120,11 +120,14 @@ def build_store(
         raise ValueError(f"data source {description.get('kind')} has no images")
     built = build_once(path, is_built, fill)  # jobs starting together build it once
     store = ImageStore.open(path)
-    if built:
-        log.info("Built image store %s (%d images)", path, len(store))
-    else:
-        log.info("Reusing image store %s", path)
+    if path not in _ANNOUNCED:  # one line per store, not one per stage that opens it
+        _ANNOUNCED.add(path)
+        verb = "Built" if built else "Reusing"
+        log.info("%s image store %s (%d images)", verb, path, len(store))
     return store
+
+
+_ANNOUNCED: set[Path] = set()
 
 
 def _store_key_at(path: Path) -> str | None:

@@ -17,7 +17,14 @@ def find_logger(loggers, kind: str):
 
 def finish_loggers(loggers) -> None:
     """Close the W&B run a WandbLogger opened, so the next job of a sweep (same process)
-    starts its own run instead of appending to this one, and an offline run is flushed."""
+    starts its own run instead of appending to this one.
+
+    `wandb.finish()` returns before W&B's service process has closed the run's transaction
+    log (`run-*.wandb`, written in 32 KB blocks): a reader right after it (a notebook, a
+    test, `wandb sync`) could find a short run's history missing. `wandb.teardown()` waits
+    for the service to finish, so the files are complete when the run returns; the next
+    `wandb.init` starts a new service.
+    """
     wandb_logger = find_logger(loggers, "WandbLogger")
     if wandb_logger is not None and getattr(wandb_logger, "_experiment", None) is not None:
         import wandb
@@ -25,3 +32,4 @@ def finish_loggers(loggers) -> None:
         if wandb.run is not None and wandb.run is wandb_logger._experiment:
             wandb.finish()
         wandb_logger._experiment = None
+        wandb.teardown()

@@ -49,7 +49,10 @@ def test_store_and_folds_from_csv(tmp_path, postings):
     assert dm.store.ids == frame.posting_id.tolist()
     groups = frame.label_group.to_numpy()
     train, val = set(groups[dm.train_indices]), set(groups[dm.val_indices])
+    test = set(groups[dm.test_indices])
     assert train.isdisjoint(val) and len(val) > 0
+    assert test.isdisjoint(train | val) and len(test) > 0  # held out from training and choice
+    assert set(dm.folds[dm.test_indices]) == {2} and set(dm.folds[dm.val_indices]) == {1}
     batch = next(iter(dm.val_dataloader()[0]))
     assert batch["images"].shape[1:] == (3, 32, 32)
 
@@ -84,6 +87,8 @@ def test_image_listed_but_missing(tmp_path, postings):
 def test_fold_out_of_range(tmp_path, postings):
     with pytest.raises(ValueError, match="data.fold=5 is out of range"):
         datamodule(tmp_path, postings[0], fold=5, n_folds=5)
+    with pytest.raises(ValueError, match="data.test_fold=1 must be a fold in 0..4 other than"):
+        datamodule(tmp_path, postings[0], fold=1, test_fold=1, n_folds=5)
 
 
 def test_single_posting_group_in_training_is_explained(tmp_path, postings, caplog):
@@ -92,9 +97,9 @@ def test_single_posting_group_in_training_is_explained(tmp_path, postings, caplo
     frame.assign(label_group=frame.label_group.where(frame.index != 0, "999")).to_csv(
         lone, index=False
     )
-    dm = datamodule(tmp_path, lone)
+    dm = datamodule(tmp_path, lone, test_fold=2)
     dm.setup()
-    assert dm.folds[0] != dm.fold, "choose data where the lone posting trains"
+    assert dm.folds[0] not in (dm.fold, dm.test_fold), "choose data where the lone posting trains"
     module = MetricLearningModule(
         model={"type": "cgd", "embedding_dim": 48}, backbone={"name": "resnet18"}, head={}
     )

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO
-from tests.pipelines import cli, env, run
+from tests.pipelines import LOG_NAMES, cli, env, run, sweep_dir
 
 pytestmark = pytest.mark.slurm
 
@@ -79,16 +79,20 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(tmp_path,
         "+replica=preempted,reference",
         multirun=True,
     )
-    sweep = tmp_path / "sweep"
+    sweeps = tmp_path / "logs" / LOG_NAMES[pipeline] / "multiruns"
     driver = subprocess.Popen(
         cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    found = []
     try:
-        last = sweep / "0" / "checkpoints" / "last.ckpt"
         deadline = time.time() + 400
-        while not last.exists() and driver.poll() is None and time.time() < deadline:
+        while driver.poll() is None and time.time() < deadline:
+            if found := list(sweeps.glob("*/0/checkpoints/last.ckpt")):
+                break
             time.sleep(0.2)
-        if not last.exists():
+        sweep = next(sweeps.glob("*"), tmp_path / "no sweep directory")
+        last = sweep / "0" / "checkpoints" / "last.ckpt"
+        if not found:
             driver.kill()
             for job in (sweep / ".submitit").glob("*_*"):  # leave the cluster free
                 subprocess.run(["scancel", job.name], check=False)
@@ -121,7 +125,7 @@ def test_a_failing_job_fails_the_sweep_with_its_error(tmp_path):
     )
     assert out.returncode != 0
     assert "data.split_by must be 'instance' or 'class', got 'bogus'" in out.stderr
-    sweep = tmp_path / "sweep"
+    sweep = sweep_dir("ssl", tmp_path)
     assert record(sweep / "0").status == "COMPLETED"
     assert record(sweep / "1").status == "FAILED"
 
@@ -141,7 +145,7 @@ def test_a_mismatched_launcher_is_refused_before_submission(tmp_path):
     out = run(cli("ssl", tmp_path, *SLURM, "hydra.launcher.tasks_per_node=2", multirun=True))
     assert out.returncode != 0
     assert "tasks_per_node=2 but trainer.devices=1" in out.stderr
-    assert not (tmp_path / "sweep" / ".submitit").exists()  # nothing was submitted
+    assert not list((tmp_path / "logs").rglob(".submitit"))  # nothing was submitted
 
 
 def test_ddp_over_two_slurm_tasks(tmp_path):
@@ -150,7 +154,7 @@ def test_ddp_over_two_slurm_tasks(tmp_path):
         cli("ssl", tmp_path, *SLURM, "trainer=ddp_cpu", "trainer.strategy=ddp", multirun=True)
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    sweep = tmp_path / "sweep"
+    sweep = sweep_dir("ssl", tmp_path)
     logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
     assert record(sweep / "0").status == "COMPLETED"

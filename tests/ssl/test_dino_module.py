@@ -26,7 +26,12 @@ def tiny_datamodule(tmp_path):
         num_families=3, groups_per_family=2, min_instances=3, max_instances=4, image_size=32
     )
     return StoreDataModule(
-        source, str(tmp_path / "stores"), image_size=32, batch_size=4, eval_batch_size=16
+        source,
+        str(tmp_path / "stores"),
+        image_size=32,
+        batch_size=4,
+        eval_batch_size=16,
+        test_fraction=0.0,  # these tests train and validate only: keep the images for that
     )
 
 

@@ -18,7 +18,7 @@ SHORT = [
     "trainer.max_epochs=1",
     "trainer.check_val_every_n_epoch=1",
     "trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
+    "trainer.enable_model_summary=false",
     "eval_at_init=false",
     "test=false",
 ]

@@ -11,7 +11,7 @@ from shared.callbacks.knn import KNNCallback
 from shared.retrieval.knn import knn_accuracy
 from shared.retrieval.threshold import threshold_sweep
 
-TRAINER = SimpleNamespace(sanity_checking=True, is_global_zero=True, current_epoch=0)
+TRAINER = SimpleNamespace(sanity_checking=True, testing=False, is_global_zero=True, current_epoch=0)
 
 
 def clustered(n: int, classes: int, dim: int, seed: int):

@@ -39,7 +39,8 @@ RNG_LABELS = np.random.default_rng(0).permutation(LABELS)
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_instance_split(seed):
-    train, val = split_indices(RNG_LABELS, 0.25, "instance", seed=seed)
+    train, val, test = split_indices(RNG_LABELS, 0.25, "instance", seed=seed)
+    assert len(test) == 0  # test_fraction 0: no test split
     assert len(np.intersect1d(train, val)) == 0
     assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(LABELS)))
     assert set(RNG_LABELS[train]) == set(range(6))  # every class keeps a train image
@@ -50,6 +51,18 @@ def test_instance_split(seed):
     assert all(np.array_equal(a, b) for a, b in zip((train, val), again))  # deterministic
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_instance_split_with_test(seed):
+    train, val, test = split_indices(RNG_LABELS, 0.25, "instance", seed=seed, test_fraction=0.25)
+    parts = np.concatenate([train, val, test])
+    assert np.array_equal(np.sort(parts), np.arange(len(LABELS)))  # disjoint, complete
+    assert set(RNG_LABELS[train]) == set(range(6))
+    for c, n in enumerate([1, 2, 3, 4, 6, 8]):  # test first, then val, train keeps one
+        n_test = min(n - 1, round(0.25 * n))
+        assert (RNG_LABELS[test] == c).sum() == n_test
+        assert (RNG_LABELS[val] == c).sum() == min(n - 1 - n_test, round(0.25 * n))
+
+
 def test_instance_split_seed_changes_rows():
     a = split_indices(RNG_LABELS, 0.5, "instance", seed=0)[1]
     b = split_indices(RNG_LABELS, 0.5, "instance", seed=1)[1]
@@ -58,11 +71,13 @@ def test_instance_split_seed_changes_rows():
 
 def test_class_split():
     labels = np.repeat(np.arange(10), 3)
-    train, val = split_indices(labels, 0.3, "class", seed=4)
-    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 30
+    train, val, test = split_indices(labels, 0.3, "class", seed=4, test_fraction=0.2)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) + len(test) == 30
+    test_classes = set(labels[test])
+    assert len(test_classes) == 2 and not test_classes & (set(labels[train]) | set(labels[val]))
     train_classes, val_classes = set(labels[train]), set(labels[val])
     assert not train_classes & val_classes and len(val_classes) == 3
-    assert train_classes | val_classes == set(range(10))
+    assert train_classes | val_classes | test_classes == set(range(10))
     assert all((labels[val] == c).sum() == 3 for c in val_classes)  # whole classes
 
 
@@ -88,6 +103,10 @@ def test_bad_split_arguments():
         split_indices(LABELS, 0.0)
     with pytest.raises(ValueError, match="'group'"):
         split_indices(LABELS, 0.2, split_by="group")
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        split_indices(LABELS, 0.2, test_fraction=-0.1)
+    with pytest.raises(ValueError, match="must be below 1"):
+        split_indices(LABELS, 0.5, test_fraction=0.5)
 
 
 @pytest.fixture
@@ -99,6 +118,7 @@ def dm(tmp_path) -> StoreDataModule:
         batch_size=5,
         eval_batch_size=7,
         val_fraction=0.25,
+        test_fraction=0.25,
         seed=3,
     )
     dm.prepare_data()
@@ -134,7 +154,14 @@ def test_batches_are_store_rows(dm):
         for b in got:
             _check_batch(dm, b)
         assert torch.equal(torch.cat([b["index"] for b in got]), torch.as_tensor(rows))
-    assert [len(b["index"]) for b in dm.test_dataloader()[1]] == [len(dm.val_indices)]
+    test_bank, test_query = dm.test_dataloader()  # same bank, held-out queries
+    assert torch.equal(
+        torch.cat([b["index"] for b in test_bank]), torch.as_tensor(dm.train_indices)
+    )
+    assert torch.equal(
+        torch.cat([b["index"] for b in test_query]), torch.as_tensor(dm.test_indices)
+    )
+    assert not set(dm.test_indices) & (set(dm.val_indices) | set(dm.train_indices))
 
 
 def test_train_loader_shuffles(dm):
@@ -148,8 +175,9 @@ def test_splits_counts_and_single_items(dm):
     labels = torch.as_tensor(RNG_LABELS)
     assert dm.num_classes == 6
     assert dm.train_class_counts() == torch.bincount(labels[dm.train_indices], minlength=6).tolist()
-    expect = split_indices(RNG_LABELS, 0.25, "instance", seed=3)
-    assert np.array_equal(dm.train_indices, expect[0]) and np.array_equal(dm.val_indices, expect[1])
+    expect = split_indices(RNG_LABELS, 0.25, "instance", seed=3, test_fraction=0.25)
+    got = (dm.train_indices, dm.val_indices, dm.test_indices)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expect))
     item = StoreDataset(dm.store, dm.val_indices)[2]
     row = int(dm.val_indices[2])
     assert int(item["index"]) == row and torch.equal(item["images"], dm.store.images[row])
