@@ -15,9 +15,36 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("not"):
         OmegaConf.register_new_resolver("not", lambda x: not x)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)  # SLURM memory per node
     if not OmegaConf.has_resolver("stdout_is_tty"):
         # progress bars for a terminal; plain log lines (callbacks/progress_log) elsewhere
         OmegaConf.register_new_resolver("stdout_is_tty", lambda: sys.stdout.isatty())
+
+
+def require_int(key: str, value, minimum: int | None = None, allow: tuple = ()) -> int:
+    """`value` as an int, or a ValueError naming the key, the value and what was expected.
+
+    Hydra passes `data.batch_size=abc` on as a string and `trainer.max_epochs=1.5` as a
+    float; without this they fail deep inside a loader or a loop with no key named."""
+    if value in allow:
+        return value
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or (minimum is not None and value < minimum):
+        expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        if allow:
+            expected += " or " + " or ".join(repr(a) for a in allow)
+        raise ValueError(f"{key}={value!r}: expected {expected}")
+    return value
+
+
+def check_trainer_config(trainer_cfg) -> None:
+    """The trainer values a user types most, checked before anything is built."""
+    require_int("trainer.max_epochs", trainer_cfg.get("max_epochs"), 1, allow=(-1, None))
+    every = trainer_cfg.get("check_val_every_n_epoch")
+    require_int("trainer.check_val_every_n_epoch", every, 1, allow=(None,))
+    require_int("trainer.devices", trainer_cfg.get("devices"), 1, allow=("auto", -1))
+    require_int("trainer.num_nodes", trainer_cfg.get("num_nodes", 1), 1)
 
 
 def prepare_environment(wandb_online: bool = False) -> None:

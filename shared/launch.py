@@ -175,6 +175,22 @@ class LaunchCheck(Callback):
                 "with one resource request, resolved from the base config: sweep "
                 "trainer.devices / num_nodes / accelerator in separate multiruns)"
             )
+        if config.get("dry_run"):
+            print(describe_request(config), flush=True)
+            raise SystemExit(0)
+
+
+def describe_request(config: DictConfig) -> str:
+    """The launcher's resolved request and the jobs it would start (`dry_run=true`)."""
+    request = OmegaConf.to_container(config.hydra.launcher, resolve=True)
+    request.pop("_target_", None)
+    jobs = planned_jobs(config)
+    lines = [f"{len(jobs)} job(s), each with this request (dry_run: nothing submitted):"]
+    lines += [f"  {k}: {v}" for k, v in request.items() if v not in (None, [], {})]
+    lines += ["jobs:"] + [
+        f"  {i}: {' '.join(o) or '(base config)'}" for i, (o, _) in enumerate(jobs)
+    ]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- reporting

@@ -56,6 +56,7 @@ RESUME_SENSITIVE = {
     "head_layers",
     "embedding_dim",
     "num_classes",
+    "train_labels",
     "model",
     "head",
     "subcenters",

@@ -19,11 +19,11 @@ from omegaconf import DictConfig
 
 from shared.callbacks.final_validation import ValidateLastEpoch
 from shared.callbacks.progress_log import ProgressLog
-from shared.config import prepare_environment
+from shared.config import check_trainer_config, prepare_environment
 from shared.instantiate import instantiate, instantiate_group, save_resolved_config
 from shared.resume import check_compatible, resume_checkpoint
 from shared.summary import best_checkpoint, final_metric
-from shared.tracking.loggers import finish_loggers
+from shared.tracking.loggers import finish_loggers, log_config
 from shared.tracking.run_summary import RunSummaryCallback
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> float | None:
 
 def _run(cfg: DictConfig) -> float | None:
     prepare_environment(cfg.get("wandb_online", False))
+    check_trainer_config(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, out)
@@ -52,6 +53,7 @@ def _run(cfg: DictConfig) -> float | None:
     callbacks += [RunSummaryCallback(), ValidateLastEpoch(), ProgressLog()]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    log_config(loggers, cfg)
 
     results: dict = {"run_dir": str(out)}
     ckpt = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.auto_resume)

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from shared.run_loading import load_run
@@ -99,3 +100,18 @@ def test_a_run_stopped_by_sigterm_exits_non_zero(tmp_path):
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode not in (0, None), stdout[-2000:]
     assert not list(logs.glob("*/results.json"))  # no figures of a run that did not finish
+
+
+@pytest.mark.parametrize(
+    "pipeline, override, message",
+    [
+        ("ssl", "data.image_size=0", "data.image_size=0: expected an integer >= 1"),
+        ("ssl", "data.batch_size=abc", "data.batch_size='abc': expected an integer >= 1"),
+        ("matching", "trainer.max_epochs=1.5", "trainer.max_epochs=1.5: expected an integer"),
+        ("matching", "data.csv_path=/nowhere.csv", "data.csv_path='/nowhere.csv' does not exist"),
+    ],
+)
+def test_bad_values_fail_early_naming_the_key(tmp_path, pipeline, override, message):
+    out = run(cli(pipeline, tmp_path, override))
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("posting_id", "image", "label_group")
 
 
+class PostingsCsvSource(CsvSource):
+    """Shopee-format postings; its settings are `data.*` in this pipeline (not `data.source`)."""
+
+    config_key = "data"
+
+
 def synthetic_postings(root: str | Path, spec: dict) -> Path:
     """Write (once) the synthetic products as a Shopee-style CSV + images; return the CSV.
 
@@ -76,14 +82,14 @@ class ProductsDataModule(StoreDataModule):
         self.skip_corrupt = skip_corrupt
         self.folds: np.ndarray | None = None
 
-    def _source(self) -> CsvSource:
+    def _source(self) -> PostingsCsvSource:
         if self.source is None:
             csv, image_dir = self.csv_path, self.image_dir
             if csv is None:
                 out = Path(self.synthetic_dir or Path(self.store_root) / "synthetic_postings")
                 csv = synthetic_postings(out, self.synthetic)
                 image_dir = Path(csv).parent / "images"
-            self.source = CsvSource(
+            self.source = PostingsCsvSource(
                 str(csv),
                 image_dir,
                 image_col="image",

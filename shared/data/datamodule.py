@@ -14,6 +14,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from shared.config import require_int
 from shared.data.store import ImageStore, build_store
 
 
@@ -142,6 +143,10 @@ class StoreDataModule(LightningDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
+        require_int("data.image_size", image_size, 1)
+        require_int("data.batch_size", batch_size, 1)
+        require_int("data.eval_batch_size", eval_batch_size, 1)
+        require_int("data.num_workers", num_workers, 0)
         self.source = source
         self.store_root, self.image_size = store_root, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

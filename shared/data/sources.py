@@ -49,6 +49,8 @@ class FileSource:
     labels: np.ndarray
     ids: list[str]
     class_names: list[str]
+    # Where this source's settings live in the config, for error messages that name a key.
+    config_key = "data.source"
 
     def __init__(self, skip_corrupt: bool = False, num_threads: int = 4) -> None:
         self.skip_corrupt = skip_corrupt
@@ -88,7 +90,7 @@ class FileSource:
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         return CorruptImagesError(
             f"{len(bad)} image file(s) could not be decoded (corrupt or truncated):\n  {listed}"
-            f"{more}\nFix or remove them, or set data.source.skip_corrupt=true to skip them."
+            f"{more}\nFix or remove them, or set {self.config_key}.skip_corrupt=true to skip them."
         )
 
 
@@ -136,8 +138,8 @@ class CsvSource(FileSource):
         csv_path: str,
         image_dir: str | None = None,
         image_col: str = "image",
-        label_col: str | None = "label_group",
-        id_col: str | None = "posting_id",
+        label_col: str | None = "label",
+        id_col: str | None = None,
         skip_corrupt: bool = False,
         num_threads: int = 4,
     ) -> None:
@@ -146,7 +148,9 @@ class CsvSource(FileSource):
         super().__init__(skip_corrupt, num_threads)
         self.csv_path = Path(csv_path).expanduser()
         if not self.csv_path.is_file():
-            raise FileNotFoundError(f"data.source.csv_path={str(self.csv_path)!r} does not exist")
+            raise FileNotFoundError(
+                f"{self.config_key}.csv_path={str(self.csv_path)!r} does not exist"
+            )
         df = pd.read_csv(self.csv_path, dtype=str, keep_default_na=False)
         required = [c for c in (image_col, label_col, id_col) if c]
         missing = [c for c in required if c not in df.columns]

@@ -38,8 +38,11 @@ def build_embedding_net(model: dict, backbone: dict, num_classes: int | None):
 class MetricLearningModule(EmbeddingModule):
     """Embedding net + ArcFace / Sub-center ArcFace head (+ CGD's auxiliary and triplet losses).
 
-    `num_classes` and `class_counts` (for dynamic margins) are read from the data module at
-    `setup` when not given, then saved as hyper-parameters so the checkpoint is complete.
+    The head (and CGD's auxiliary classifier) has one class per label of the training
+    split only, `train_labels` (store labels, in head order): validation and test groups of
+    a group-disjoint split never get class weights. `num_classes`, `train_labels` and
+    `class_counts` (for dynamic margins) are read from the data module at `setup` when not
+    given, then saved as hyper-parameters so the checkpoint is complete.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class MetricLearningModule(EmbeddingModule):
         head: dict,
         num_classes: int | None = None,
         class_counts: list[int] | None = None,
+        train_labels: list[int] | None = None,
         dynamic_margins: bool = False,
         lr: float = 1e-3,
         backbone_lr_mult: float = 0.1,
@@ -74,6 +78,11 @@ class MetricLearningModule(EmbeddingModule):
 
     def _build(self, num_classes: int, class_counts: list[int] | None) -> None:
         hp = self.hparams
+        # store label -> head class; -1 for labels the head has no class for
+        labels = hp.train_labels if hp.train_labels is not None else range(num_classes)
+        lookup = torch.full((max(labels, default=-1) + 1,), -1, dtype=torch.int64)
+        lookup[torch.as_tensor(list(labels), dtype=torch.int64)] = torch.arange(num_classes)
+        self.register_buffer("head_class", lookup, persistent=False)
         self.net = build_embedding_net(hp.model, hp.backbone, num_classes)
         dim = self.net.embedding_dim
         counts = class_counts if hp.dynamic_margins else None
@@ -83,7 +92,9 @@ class MetricLearningModule(EmbeddingModule):
         if self.net is not None:
             return
         dm = self.trainer.datamodule
-        counts = dm.train_class_counts()
+        all_counts = dm.train_class_counts()  # per store label
+        train_labels = [c for c, n in enumerate(all_counts) if n > 0]
+        counts = [all_counts[c] for c in train_labels]
         singletons = sum(1 for c in counts if c == 1)
         if singletons:
             log.warning(
@@ -93,9 +104,10 @@ class MetricLearningModule(EmbeddingModule):
                 singletons,
                 len(counts),
             )
-        self.hparams.num_classes = dm.num_classes
+        self.hparams.num_classes = len(train_labels)
+        self.hparams.train_labels = train_labels
         self.hparams.class_counts = counts if self.hparams.dynamic_margins else None
-        self._build(dm.num_classes, counts)
+        self._build(len(train_labels), counts)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -104,7 +116,9 @@ class MetricLearningModule(EmbeddingModule):
     def training_step(self, batch, batch_idx):
         hp = self.hparams
         x = self.train_transform(batch["images"])
-        labels = batch["labels"]
+        labels = self.head_class[batch["labels"]]
+        if (labels < 0).any():
+            raise ValueError("a training batch holds a label outside module.train_labels")
         self.head.set_step(self.global_step)
         logs = {}
         if hp.model.get("type") == "cgd" and self.net.aux_head is not None and hp.aux_weight:
@@ -123,7 +137,11 @@ class MetricLearningModule(EmbeddingModule):
             loss = loss + hp.triplet_weight * trip
             logs["train/triplet_loss"] = trip
         logs["train/loss"] = loss
-        logs["train/acc"] = (logits.argmax(1) == labels).float().mean()
+        # on the plain cosines: the margin-penalised logits would under-read it (even below
+        # chance), since the target logit is lowered by the margin the loss trains against
+        with torch.no_grad():
+            cosine = self.head.cosine(embedding.detach().float())
+        logs["train/acc"] = (cosine.argmax(1) == labels).float().mean()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(labels))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(labels))
         return loss

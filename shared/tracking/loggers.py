@@ -15,6 +15,32 @@ def find_logger(loggers, kind: str):
     return None
 
 
+def flat_config(cfg) -> dict[str, object]:
+    """The resolved config as `{"data.batch_size": 64, ...}`: lists as text, so every logger
+    (MLflow params, TensorBoard hparams, CSV, W&B) can take it."""
+    from omegaconf import OmegaConf
+
+    out: dict[str, object] = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+            else:
+                out[name] = str(value) if isinstance(value, list) else value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def log_config(loggers, cfg) -> None:
+    """Every logger gets the full resolved config (seed, data, trainer, ...) as parameters."""
+    params = flat_config(cfg)
+    for logger in loggers or []:
+        logger.log_hyperparams(params)
+
+
 def finish_loggers(loggers) -> None:
     """Close the W&B run a WandbLogger opened, so the next job of a sweep (same process)
     starts its own run instead of appending to this one.

@@ -107,7 +107,12 @@ def test_single_posting_group_in_training_is_explained(tmp_path, postings, caplo
     with caplog.at_level(logging.WARNING):
         module.setup("fit")
     assert "single training image" in caplog.text
-    assert module.hparams.num_classes == dm.num_classes
+    # one head class per training group only: the validation / test groups get none
+    train_groups = sorted(set(dm.store.labels[dm.train_indices].tolist()))
+    assert module.hparams.train_labels == train_groups
+    assert module.hparams.num_classes == len(train_groups) < dm.num_classes
+    assert module.head.weight.shape[0] == len(train_groups) * module.head.subcenters
+    assert module.head_class[train_groups[-1]] == len(train_groups) - 1
 
 
 def test_sweep_on_empty_fold_is_refused():
@@ -134,3 +139,16 @@ def test_matches_csv_round_trip(tmp_path):
     f1 = np.mean([2 * len(set(back[i]) & truth[i]) / (len(back[i]) + len(truth[i])) for i in ids])
     assert f1 == pytest.approx(result.best_f1)
     assert all(back[i][0] == i for i in ids)  # every posting matches itself first
+
+
+def test_errors_name_this_pipelines_keys(tmp_path, postings):
+    """Product matching's postings settings are `data.*`: its hints must not name the
+    `data.source.*` keys of the other pipeline."""
+    from matching.data import PostingsCsvSource
+
+    csv, _ = postings
+    source = PostingsCsvSource(str(csv), str(IMAGES["dir"]), label_col="label_group")
+    message = str(source.corrupt_error([0]))
+    assert "set data.skip_corrupt=true" in message and "data.source" not in message
+    with pytest.raises(FileNotFoundError, match=r"^data.csv_path='/nowhere.csv' does not exist"):
+        PostingsCsvSource("/nowhere.csv")

@@ -52,6 +52,21 @@ def test_gpu_ddp_requests_one_task_and_one_gpu_per_device(multirun_cfg):
     check(cfg)
     launcher = cfg.hydra.launcher
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 2)
+    assert launcher.mem_gb == 8 * cfg.slurm_mem_gb_per_task  # --mem per node: 8 tasks' worth
+
+
+def test_dry_run_prints_the_resolved_request_and_submits_nothing(multirun_cfg, capsys):
+    cfg = multirun_cfg(
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "seed=0,1", "dry_run=true"
+    )
+    with pytest.raises(SystemExit) as stop:
+        check(cfg)
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    per_task = cfg.slurm_mem_gb_per_task
+    for line in ("2 job(s)", "tasks_per_node: 4", "gpus_per_node: 4", f"mem_gb: {4 * per_task}"):
+        assert line in text, text
+    assert "0: trainer=ddp trainer.devices=4 seed=0" in text and "1: " in text
 
 
 @pytest.mark.parametrize(

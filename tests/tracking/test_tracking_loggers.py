@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import yaml
 from tests.tracking.runs import TINY_DINO, run_in_process
 
 
-def fit(compose_cfg, tiny_data, logger: str):
-    cfg = compose_cfg("ssl", TINY_DINO + [f"logger={logger}"], data_dir=tiny_data)
+def fit(compose_cfg, tiny_data, logger: str, *extra: str):
+    cfg = compose_cfg("ssl", TINY_DINO + [f"logger={logger}", *extra], data_dir=tiny_data)
     metric = run_in_process(cfg)
     assert metric is not None
     return Path(cfg.paths.output_dir)
@@ -48,6 +49,9 @@ def check_mlflow(run):
     (found,) = client.search_runs([experiment.experiment_id])
     assert "val/knn_top1_at_10" in found.data.metrics  # `@` written `_at_`, not dropped
     assert float(found.data.params["flops/per_image"]) > 0
+    params = found.data.params  # the full resolved config, as the run used it
+    assert params["seed"] == "0" and params["data.batch_size"] == "8"
+    assert params["trainer.max_epochs"] == "1" and params["data.source.num_families"] == "6"
 
 
 def check_wandb(run):
@@ -88,3 +92,32 @@ def test_every_logger_at_once(compose_cfg, tiny_data, wandb_offline):
     run = fit(compose_cfg, tiny_data, "many")
     for check in CHECKS.values():
         check(run)
+
+
+def test_mlflow_models_are_the_best_and_the_latest_with_their_config(
+    compose_cfg, tiny_data, tmp_path, monkeypatch
+):
+    """log_model=true: `model/best` holds the monitored best checkpoint and `model/latest`
+    the last state, each with the run's config; MLFLOW_TRACKING_URI chooses the store."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'shared_mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    extra = ["logger.mlflow.log_model=true", "trainer.max_epochs=3", "test=true"]
+    run = fit(compose_cfg, tiny_data, "mlflow", *extra)
+    assert not (run / "mlflow.db").exists()  # the environment's store, not the default
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = client.search_experiments(filter_string="name = 'reprmatch-ssl'")
+    (found,) = client.search_runs([experiment.experiment_id])
+
+    results = json.loads((run / "results.json").read_text())
+    best_name = Path(results["best_checkpoint"]).name
+    for alias, name in (("best", best_name), ("latest", "last.ckpt")):
+        files = {a.path for a in client.list_artifacts(found.info.run_id, f"model/{alias}")}
+        assert f"model/{alias}/checkpoints" in files and f"model/{alias}/.hydra" in files
+        assert f"model/{alias}/config_resolved.yaml" in files
+        local = Path(client.download_artifacts(found.info.run_id, f"model/{alias}", tmp_path))
+        ckpt = local / "checkpoints" / name
+        assert ckpt.read_bytes() == (run / "checkpoints" / name).read_bytes()
+        assert torch.load(ckpt, weights_only=True)["epoch"] >= 0

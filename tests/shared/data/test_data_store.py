@@ -17,6 +17,12 @@ from shared.data.sources import CorruptImagesError, CsvSource, FolderSource, Syn
 from shared.data.store import ImageStore, build_store
 from shared.data.synthetic import SyntheticProducts, SyntheticProductsSpec
 
+
+def ShopeeCsv(*args, **kwargs) -> CsvSource:  # noqa: N802  (reads as the class it builds)
+    """A CsvSource of Shopee-format postings (posting_id, image, label_group)."""
+    return CsvSource(*args, label_col="label_group", id_col="posting_id", **kwargs)
+
+
 S = 16  # store image size used throughout
 TINY_SYNTH = dict(num_families=3, groups_per_family=2, min_instances=2, max_instances=3,
                   image_size=32)  # fmt: skip
@@ -127,7 +133,7 @@ def test_folder_store_matches_files(folder, tmp_path):
 
 
 def test_csv_store_matches_files(shop, tmp_path):
-    src = CsvSource(str(shop / "train.csv"), image_dir=str(shop / "images"))
+    src = ShopeeCsv(str(shop / "train.csv"), image_dir=str(shop / "images"))
     store = _build(src, tmp_path / "stores")
     assert store.ids == ["p3", "p1", "p2", "p0"]  # CSV order, ids from posting_id
     assert store.meta["class_names"] == ["100", "42", "7"]  # sorted label_group strings
@@ -137,13 +143,27 @@ def test_csv_store_matches_files(shop, tmp_path):
     assert torch.equal(store.images[:], ref)
 
 
+def test_csv_of_image_and_label_is_the_default_form(shop, tmp_path):
+    """The README's `data/source=csv data.source.csv_path=...`: a CSV of image,label."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    csv_path = _write_csv(
+        shop / "images" / "plain.csv", ["image", "label"], [("x.png", "cat"), ("w.png", "dog")]
+    )
+    conf = OmegaConf.load(Path(__file__).parents[3] / "conf" / "data" / "source" / "csv.yaml")
+    src = instantiate(conf, csv_path=str(csv_path))
+    assert src.class_names == ["cat", "dog"] and src.labels.tolist() == [0, 1]
+    assert src.ids == ["x.png", "w.png"]  # no id column: the image path is the id
+
+
 def test_csv_image_dir_defaults_to_csv_folder(shop, tmp_path):
     csv_path = _write_csv(
         shop / "images" / "local.csv",
         ["posting_id", "image", "label_group"],
         [("a", "x.png", "1"), ("b", "w.png", "2")],
     )
-    src = CsvSource(str(csv_path))
+    src = ShopeeCsv(str(csv_path))
     assert src.paths == [shop / "images" / "x.png", shop / "images" / "w.png"]
 
 
@@ -215,9 +235,9 @@ def test_csv_key_follows_image_contents(shop, tmp_path):
     """Rewriting an image (CSV untouched) must give a new store with the new pixels."""
     root = tmp_path / "stores"
     csv_path, images = str(shop / "train.csv"), str(shop / "images")
-    before = _build(CsvSource(csv_path, image_dir=images), root)
+    before = _build(ShopeeCsv(csv_path, image_dir=images), root)
     _write(shop / "images" / "x.png", (S, S), "RGB", seed=1234)
-    after = _build(CsvSource(csv_path, image_dir=images), root)
+    after = _build(ShopeeCsv(csv_path, image_dir=images), root)
     assert after.path != before.path
     assert torch.equal(after.images[0], _reference(shop / "images" / "x.png", S))
     assert not torch.equal(after.images[0], before.images[0])
@@ -252,7 +272,7 @@ def test_pinned_path_with_other_store_is_rebuilt(folder, tmp_path, caplog):
     csv_path = _write_csv(
         shop / "a.csv", ["posting_id", "image", "label_group"], [("p", "x.png", "1")]
     )
-    other = _build(CsvSource(str(csv_path)), tmp_path, path=fixed)
+    other = _build(ShopeeCsv(str(csv_path)), tmp_path, path=fixed)
     assert other.path == fixed and other.meta["source"]["kind"] == "csv"
 
     with caplog.at_level(logging.WARNING, logger=store_mod.__name__):
@@ -399,7 +419,7 @@ def test_csv_missing_column(shop, column):
     header = [c for c in ("posting_id", "image", "label_group") if c != column]
     path = _write_csv(shop / "bad.csv", header, [["v"] * len(header)])
     with pytest.raises(ValueError, match="lacks required column") as info:
-        CsvSource(str(path), image_dir=str(shop / "images"))
+        ShopeeCsv(str(path), image_dir=str(shop / "images"))
     assert repr(column) in str(info.value) and str(path) in str(info.value)
 
 
@@ -410,7 +430,7 @@ def test_csv_duplicated_posting_id(shop):
         [("p1", "x.png", "1"), ("p9", "w.png", "1"), ("p1", "z.jpg", "2")],
     )
     with pytest.raises(ValueError, match="duplicated") as info:
-        CsvSource(str(path), image_dir=str(shop / "images"))
+        ShopeeCsv(str(path), image_dir=str(shop / "images"))
     assert "'posting_id'" in str(info.value) and "p1" in str(info.value)
 
 
@@ -421,14 +441,14 @@ def test_csv_image_missing_on_disk(shop):
         [("p1", "x.png", "1"), ("p2", "gone.png", "1")],
     )
     with pytest.raises(FileNotFoundError, match="missing") as info:
-        CsvSource(str(path), image_dir=str(shop / "images"))
+        ShopeeCsv(str(path), image_dir=str(shop / "images"))
     assert str(shop / "images" / "gone.png") in str(info.value)
     assert "1 image(s)" in str(info.value)
 
 
 def test_csv_file_missing_or_empty(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.source.csv_path"):
-        CsvSource(str(tmp_path / "none.csv"))
+        ShopeeCsv(str(tmp_path / "none.csv"))
     path = _write_csv(tmp_path / "empty.csv", ["posting_id", "image", "label_group"], [])
     with pytest.raises(ValueError, match="no rows"):
-        CsvSource(str(path))
+        ShopeeCsv(str(path))
