@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. module=dolg data.batch_size=32"
     )
-    args = p.parse_args(argv)
+    # overrides may come before, between or after the flags, as a user types them
+    args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO)
     cfg = compose_pipeline(args.pipeline, args.overrides, args.out_dir)
     result = lr_find(

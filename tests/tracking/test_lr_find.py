@@ -21,6 +21,7 @@ def test_lr_find_command_metric_learning(tmp_path, tiny_overrides):
         [
             "--pipeline",
             "ssl",
+            "module=dolg",  # overrides between flags, as the README's line has them
             "--out-dir",
             str(out),
             "--num-training",
@@ -29,7 +30,6 @@ def test_lr_find_command_metric_learning(tmp_path, tiny_overrides):
             "1e-5",
             "--max-lr",
             "1",
-            "module=dolg",
             "backbone.name=test_resnet",
             "module.model.local_dim=32",
             "module.model.global_dim=32",
