@@ -58,4 +58,14 @@ register_resolvers()
 # faiss tries its AVX-512 build first and logs the failed import at INFO on every CPU without
 # it: a ModuleNotFoundError line that reads like a fault. Its real failures are warnings.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning prints an advertisement for its cloud logger at every run's start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
 os.environ.setdefault("PROJECT_ROOT", str(REPO_ROOT))
