@@ -67,14 +67,17 @@ def split_indices(
     split_by: str = "instance",
     seed: int = 0,
     test_fraction: float = 0.0,
+    groups: list | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train / val / test row indices; test is empty when `test_fraction` is 0.
 
     `instance`: every class keeps at least one image in train and gives about
     `val_fraction` of its images to val and `test_fraction` to test (the kNN protocol:
-    queries of known classes). `class`: whole classes go to val and to test (the SOP / CUB
-    protocol for metric learning). Val chooses checkpoints and hyper-parameters; test is
-    scored once, at the end, so its figures are not selected on.
+    queries of known classes). `group`: the same, drawing whole `groups` (an item shot
+    twice, near-duplicates) so no group is on two sides: a query never finds its own twin in
+    the bank. `class`: whole classes go to val and to test (the SOP / CUB protocol for
+    metric learning). Val chooses checkpoints and hyper-parameters; test is scored once, at
+    the end, so its figures are not selected on.
     """
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0 or (key == "val_fraction" and value == 0.0):
@@ -104,8 +107,10 @@ def split_indices(
             n_val = min(len(rows) - 1 - n_test, int(round(val_fraction * len(rows))))
             split[rows[:n_val]] = 1
             split[rows[n_val : n_val + n_test]] = 2
+    elif split_by == "group":
+        _split_groups(labels, groups, val_fraction, test_fraction, rng, split)
     else:
-        raise ValueError(f"data.split_by must be 'instance' or 'class', got {split_by!r}")
+        raise ValueError(f"data.split_by must be 'instance', 'group' or 'class', got {split_by!r}")
     train, val, test = (np.flatnonzero(split == k) for k in range(3))
     if len(train) == 0 or len(val) == 0 or (test_fraction > 0 and len(test) == 0):
         raise ValueError(
@@ -114,6 +119,37 @@ def split_indices(
             f"test_fraction={test_fraction}, split_by={split_by})"
         )
     return train, val, test
+
+
+def _split_groups(labels, groups, val_fraction, test_fraction, rng, split) -> None:
+    """Per class, whole groups in random order to test, then val, up to about the fractions
+    of the class's images; the class keeps at least one group in train."""
+    if groups is None:
+        raise ValueError(
+            "data.split_by=group needs a group per image: set data.source.group_col "
+            "(a CSV column) or use split_by=instance"
+        )
+    _, group_ids = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    spans = {g for g in np.unique(group_ids) if len(np.unique(labels[group_ids == g])) > 1}
+    if spans:
+        example = np.asarray(groups, dtype=str)[group_ids == next(iter(spans))][0]
+        raise ValueError(
+            f"{len(spans)} group(s) hold images of several labels (e.g. {example!r}): "
+            "a group must sit inside one class for data.split_by=group"
+        )
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        members = rng.permutation(np.unique(group_ids[rows]))
+        targets = {2: round(test_fraction * len(rows)), 1: round(val_fraction * len(rows))}
+        taken = {1: 0, 2: 0}
+        for g in members[:-1]:  # the last group stays in train
+            where = rows[group_ids[rows] == g]
+            side = next((k for k in (2, 1) if taken[k] + len(where) <= targets[k]), None)
+            if side is None:
+                side = next((k for k in (2, 1) if taken[k] < targets[k]), 0)
+            if side:
+                split[where] = side
+                taken[side] += len(where)
 
 
 class StoreDataModule(LightningDataModule):
@@ -185,7 +221,7 @@ class StoreDataModule(LightningDataModule):
     def make_splits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return split_indices(
             self.store.labels.numpy(), self.val_fraction, self.split_by, self.seed,
-            self.test_fraction,
+            self.test_fraction, self.store.groups,
         )  # fmt: skip
 
     @property

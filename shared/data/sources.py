@@ -131,7 +131,9 @@ class FolderSource(FileSource):
 
 
 class CsvSource(FileSource):
-    """A CSV with an image column (paths relative to `image_dir`) and a label column."""
+    """A CSV with an image column (paths relative to `image_dir`) and a label column; with
+    `group_col`, a column of groups (the same item shot twice, near-duplicates) that
+    `data.split_by=group` keeps on one side of every split."""
 
     def __init__(
         self,
@@ -140,6 +142,7 @@ class CsvSource(FileSource):
         image_col: str = "image",
         label_col: str | None = "label",
         id_col: str | None = None,
+        group_col: str | None = None,
         skip_corrupt: bool = False,
         num_threads: int = 4,
     ) -> None:
@@ -152,7 +155,7 @@ class CsvSource(FileSource):
                 f"{self.config_key}.csv_path={str(self.csv_path)!r} does not exist"
             )
         df = pd.read_csv(self.csv_path, dtype=str, keep_default_na=False)
-        required = [c for c in (image_col, label_col, id_col) if c]
+        required = [c for c in (image_col, label_col, id_col, group_col) if c]
         missing = [c for c in required if c not in df.columns]
         if missing:
             raise ValueError(
@@ -178,6 +181,8 @@ class CsvSource(FileSource):
         self.class_names = [str(n) for n in names]
         self.labels = labels.astype(np.int64)
         self.ids = df[id_col].tolist() if id_col else [str(p) for p in df[image_col]]
+        self.group_col = group_col
+        self.groups = df[group_col].tolist() if group_col else None
         self.frame = df
 
     def describe(self) -> dict:
@@ -185,6 +190,7 @@ class CsvSource(FileSource):
         return {
             "kind": "csv",
             "csv": str(self.csv_path.resolve()),
+            "group_col": self.group_col,
             "csv_size": st.st_size,
             "csv_mtime": st.st_mtime_ns,
             "image_dir": str(self.image_dir.resolve()),

@@ -61,6 +61,11 @@ class ImageStore:
         return self.meta["ids"]
 
     @property
+    def groups(self) -> list[str] | None:
+        """Per row, the source's group (CSV `group_col`), or None when it has none."""
+        return self.meta.get("groups")
+
+    @property
     def num_classes(self) -> int:
         return len(self.meta["class_names"])
 
@@ -183,6 +188,9 @@ def _write_store(
         "num_images": write,
         "num_skipped": len(bad),
         "ids": [source.ids[i] for i in keep],
+        "groups": None
+        if getattr(source, "groups", None) is None
+        else [source.groups[i] for i in keep],
         "class_names": list(source.class_names),
         "class_counts": np.bincount(labels, minlength=len(source.class_names)).tolist(),
     }

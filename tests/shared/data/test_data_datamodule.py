@@ -101,8 +101,35 @@ def test_bad_split_arguments():
         split_indices(LABELS, 1.0)
     with pytest.raises(ValueError, match="val_fraction must be in"):
         split_indices(LABELS, 0.0)
-    with pytest.raises(ValueError, match="'group'"):
+    with pytest.raises(ValueError, match="'instance', 'group' or 'class', got 'bogus'"):
+        split_indices(LABELS, 0.2, split_by="bogus")
+    with pytest.raises(ValueError, match="split_by=group needs a group per image"):
         split_indices(LABELS, 0.2, split_by="group")
+    spanning = [f"g{i % 3}" for i in range(len(LABELS))]  # groups across several classes
+    with pytest.raises(ValueError, match="hold images of several labels"):
+        split_indices(LABELS, 0.2, split_by="group", groups=spanning)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_split_keeps_each_group_on_one_side(seed):
+    """Pairs of images (an item shot twice) within each class: no pair is cut in two."""
+    labels = np.repeat(np.arange(8), 10)
+    groups = [f"item{i // 2}" for i in range(len(labels))]
+    train, val, test = split_indices(labels, 0.2, "group", seed, 0.2, groups)
+    side = np.zeros(len(labels), int)
+    side[val], side[test] = 1, 2
+    for g in set(groups):
+        rows = [i for i, x in enumerate(groups) if x == g]
+        assert len(set(side[rows])) == 1, g
+    assert set(labels[train]) == set(range(8))  # every class keeps training images
+    for c in range(8):  # 10 images per class: 2 val, 2 test (whole pairs hit the quotas)
+        assert (labels[val] == c).sum() == 2 and (labels[test] == c).sum() == 2
+    # the same draw as the instance split when every image is its own group
+    singles = [str(i) for i in range(len(labels))]
+    alone = split_indices(labels, 0.2, "group", seed, 0.2, singles)
+    assert all(
+        len(a) == len(b) for a, b in zip(alone, split_indices(labels, 0.2, "instance", seed, 0.2))
+    )
     with pytest.raises(ValueError, match="test_fraction must be in"):
         split_indices(LABELS, 0.2, test_fraction=-0.1)
     with pytest.raises(ValueError, match="must be below 1"):

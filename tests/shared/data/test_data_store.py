@@ -157,6 +157,27 @@ def test_csv_of_image_and_label_is_the_default_form(shop, tmp_path):
     assert src.ids == ["x.png", "w.png"]  # no id column: the image path is the id
 
 
+def test_csv_groups_reach_the_store_and_the_group_split(shop, tmp_path):
+    csv_path = _write_csv(
+        shop / "images" / "grouped.csv",
+        ["image", "label", "item"],
+        [
+            ("x.png", "a", "i1"),
+            ("w.png", "a", "i1"),
+            ("z.jpg", "b", "i2"),
+            ("sub/y.png", "b", "i3"),
+        ],
+    )
+    src = CsvSource(str(csv_path), group_col="item")
+    store = _build(src, tmp_path / "stores")
+    assert store.groups == ["i1", "i1", "i2", "i3"]
+    plain = _build(CsvSource(str(csv_path)), tmp_path / "stores")
+    assert plain.path != store.path and plain.groups is None  # group_col is part of the key
+    with pytest.raises(ValueError, match="lacks required column") as info:
+        CsvSource(str(csv_path), group_col="sku")
+    assert "'sku'" in str(info.value)
+
+
 def test_csv_image_dir_defaults_to_csv_folder(shop, tmp_path):
     csv_path = _write_csv(
         shop / "images" / "local.csv",
