@@ -96,6 +96,23 @@ def temp_dir(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def sync_tree(root: Path) -> None:
+    """fsync every file under `root`, then the folders (their entries)."""
+    folders = [root]
+    for path in root.rglob("*"):
+        if path.is_dir():
+            folders.append(path)
+        elif path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def publish(tmp: Path, target: Path, is_complete: Callable[[Path], bool]) -> bool:
     """Rename the finished build `tmp` to `target`; True if ours is the copy now in place.
 
@@ -107,6 +124,7 @@ def publish(tmp: Path, target: Path, is_complete: Callable[[Path], bool]) -> boo
     if is_complete(target):
         shutil.rmtree(tmp, ignore_errors=True)
         return False
+    sync_tree(tmp)  # on disk before the rename makes it visible: a crash leaves no torn copy
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -101,7 +101,12 @@ def build_store(
     path = Path(path) if path else Path(root) / f"{name}-{key}"
 
     def is_built(at: Path) -> bool:
-        return _store_key_at(at) == key
+        if _store_key_at(at) != key:
+            return False
+        if problem := _damage(at):  # e.g. a truncated copy: never trained on as zeros
+            log.warning("Image store at %s is damaged (%s): rebuilding it", at, problem)
+            return False
+        return True
 
     def fill(tmp: Path) -> None:
         if path.exists():
@@ -133,6 +138,21 @@ def build_store(
 
 
 _ANNOUNCED: set[Path] = set()
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with the files of the complete-looking store at `path`, or None: each
+    memmap must hold exactly the rows meta.json promises (a copy cut short by a full disk or
+    a killed rsync would otherwise read as zero-filled images)."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    n, size = int(meta["num_images"]), int(meta["image_size"])
+    expected = {"images": n * 3 * size * size, "labels": n * 8, "row": n * 8}
+    for name, nbytes in expected.items():
+        file = Path(path) / "tensors" / f"{name}.memmap"
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != nbytes:
+            return f"{file.name} holds {actual} bytes, expected {nbytes}"
+    return None
 
 
 def _store_key_at(path: Path) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -473,3 +474,40 @@ def test_csv_file_missing_or_empty(tmp_path):
     path = _write_csv(tmp_path / "empty.csv", ["posting_id", "image", "label_group"], [])
     with pytest.raises(ValueError, match="no rows"):
         ShopeeCsv(str(path))
+
+
+@pytest.mark.parametrize("tensor", ["images", "labels"])
+def test_a_truncated_store_is_rebuilt_not_reused(tmp_path, caplog, tensor):
+    """A copy cut short (full disk, killed rsync) has a valid meta.json; reusing it would
+    train on zero-filled images. It is rebuilt, with a warning naming the file."""
+    source = SyntheticSource(num_families=2, groups_per_family=2, image_size=S, seed=3)
+    first = _build(source, tmp_path)
+    reference = first.images[:].clone()
+    file = first.path / "tensors" / f"{tensor}.memmap"
+    size = file.stat().st_size
+    del first
+    with open(file, "r+b") as f:
+        f.truncate(size // 3)
+    with caplog.at_level(logging.WARNING):
+        again = _build(source, tmp_path)
+    assert f"{tensor}.memmap holds {size // 3} bytes, expected {size}" in caplog.text
+    assert torch.equal(again.images[:], reference)
+
+
+def test_a_store_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """Every file and folder of a new store is fsynced while it still has its temporary
+    name, so a crash after the rename never finds a store whose data never reached disk."""
+    import shared.data.publish as publish_mod
+
+    synced, real_fsync = [], os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(publish_mod.os, "fsync", spy)
+    store = _build(SyntheticSource(num_families=2, groups_per_family=2, image_size=S), tmp_path)
+    names = {Path(p).name for p in synced}
+    assert {"images.memmap", "labels.memmap", "row.memmap", "meta.json"} <= names
+    assert any(Path(p).name.startswith(f".{store.path.name}.tmp") for p in synced)  # folders
+    assert all(f".{store.path.name}.tmp" in p for p in synced)  # before the rename
