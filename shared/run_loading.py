@@ -74,12 +74,39 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str = "cpu"
             raise ValueError(f"{cfg_file} has no {key}._target_: is it from another version?")
     with open_output_dir(cfg, run_dir):
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in ("module", "data"):
+        check_targets(
+            resolved[key], f"{resolved_file.name if resolved_file.is_file() else cfg_file}: {key}"
+        )
     ckpt = find_checkpoint(run_dir, which)
     state = torch.load(ckpt, map_location=map_location, weights_only=True)
     module = build_module(resolved.module._target_, state, ckpt)
     module.eval()
     datamodule = hydra.utils.instantiate(resolved.data)
     return LoadedRun(run_dir, resolved, ckpt, module, datamodule, state.get("callbacks", {}))
+
+
+# A run directory may come from elsewhere (a downloaded W&B or MLflow artifact): its config
+# is data, so only this project's classes are built from it, never an arbitrary `_target_`.
+TRUSTED_TARGETS = ("shared.", "selfsup.", "matching.")
+
+
+def check_targets(node, where: str) -> None:
+    """Refuse any `_target_` under `node` outside this project's packages."""
+    if isinstance(node, DictConfig):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(TRUSTED_TARGETS):
+            raise ValueError(
+                f"{where} names _target_={target!r}: a run's config may only build this "
+                f"project's classes ({', '.join(p + '*' for p in TRUSTED_TARGETS)}); refusing "
+                "to load it"
+            )
+        for key, value in node.items():
+            if key != "_target_":
+                check_targets(value, f"{where}.{key}")
+    elif OmegaConf.is_list(node):
+        for i, value in enumerate(node):
+            check_targets(value, f"{where}[{i}]")
 
 
 def build_module(target: str, state: dict, ckpt: Path) -> torch.nn.Module:

@@ -84,3 +84,25 @@ def test_checkpoint_from_another_version_names_the_parameters(dino_run, tmp_path
     unknown_and_missing = r"\['renamed_option'\] are unknown.*\['backbone'\] are missing"
     with pytest.raises(ValueError, match=unknown_and_missing):
         load_run(run_dir)
+
+
+@pytest.mark.parametrize(
+    "where", [("data",), ("data", "source"), ("module", "backbone")], ids=lambda w: ".".join(w)
+)
+def test_a_crafted_config_builds_nothing_outside_the_project(dino_run, tmp_path, where):
+    """A downloaded run directory is data: a `_target_` that would write a file (or run any
+    other code) is refused before anything is built."""
+    run_dir = copy_run(dino_run, tmp_path)
+    victim = tmp_path / "written_by_the_config.txt"
+
+    def craft(cfg):
+        node = cfg
+        for key in where:
+            node = node.setdefault(key, {})
+        node.clear()
+        node.update({"_target_": "pathlib.Path.write_text", "self": str(victim), "data": "x"})
+
+    edit_config(run_dir, craft)
+    with pytest.raises(ValueError, match="pathlib.Path.write_text.*refusing to load it"):
+        load_run(run_dir)
+    assert not victim.exists()
