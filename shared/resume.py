@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -13,17 +16,49 @@ log = logging.getLogger(__name__)
 def resume_checkpoint(ckpt_path: str | None, output_dir: str | Path, auto: bool = True):
     """Explicit path wins; otherwise `<output_dir>/checkpoints/last.ckpt` when it exists.
 
-    SLURM requeue and a plain restart with the same `hydra.run.dir` both land here.
+    SLURM requeue and a plain restart with the same `hydra.run.dir` both land here. A
+    `last.ckpt` cut short (a kill while it was being copied into place) is moved aside, not
+    deleted, and the run resumes from its newest complete checkpoint instead of failing on
+    every restart.
     """
     if ckpt_path:
         path = Path(ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
+        if problem := unreadable(path):
+            raise ValueError(f"ckpt_path={str(path)!r} cannot be read: {problem}")
         return str(path)
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
-    if auto and last.is_file():
-        log.info("Resuming from %s", last)
-        return str(last)
+    folder = Path(output_dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    if not (auto and last.is_file()):
+        return None
+    if problem := unreadable(last):
+        aside = last.with_name(f"last.ckpt.damaged-{int(time.time())}")
+        os.replace(last, aside)
+        older = [p for p in sorted(folder.glob("*.ckpt"), key=os.path.getmtime, reverse=True)]
+        fallback = next((p for p in older if not unreadable(p)), None)
+        log.warning(
+            "%s is damaged (%s): moved to %s; resuming from %s",
+            last,
+            problem,
+            aside.name,
+            fallback or "the start (no complete checkpoint left)",
+        )
+        if fallback is None:
+            return None
+        last = fallback
+    log.info("Resuming from %s", last)
+    return str(last)
+
+
+def unreadable(path: Path) -> str | None:
+    """Why `path` is not a complete torch checkpoint (a zip archive whose directory, written
+    last, is intact), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{type(exc).__name__}: {exc}"
     return None
 
 

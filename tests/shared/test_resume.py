@@ -1,4 +1,7 @@
-"""A run refuses to resume from a last.ckpt of another module or model config (through run())."""
+"""Resuming: a last.ckpt of another module or model config is refused (through run()); a
+damaged last.ckpt is set aside and an older complete checkpoint resumes."""
+
+import logging
 
 import pytest
 import torch
@@ -60,3 +63,38 @@ def test_values_read_from_the_data_are_not_a_mismatch(compose_cfg, tmp_path):
     bigger = compose_cfg("matching", [*TINY["matching"], "module.model.embedding_dim=64"])
     with pytest.raises(ValueError, match="model: checkpoint="):
         check_compatible(str(path), instantiate(bigger.module, "module"))
+
+
+def _checkpoints(tmp_path, truncate_last: bool):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"epoch": 3, "weights": torch.randn(1000)}, folder / "epoch_003.ckpt")
+    torch.save({"epoch": 5, "weights": torch.randn(1000)}, folder / "last.ckpt")
+    if truncate_last:
+        data = (folder / "last.ckpt").read_bytes()
+        (folder / "last.ckpt").write_bytes(data[: len(data) // 3])  # a copy cut short
+    return folder
+
+
+def test_a_damaged_last_ckpt_is_set_aside_and_an_older_one_resumes(tmp_path, caplog):
+    from shared.resume import resume_checkpoint
+
+    folder = _checkpoints(tmp_path, truncate_last=True)
+    with caplog.at_level(logging.WARNING):
+        chosen = resume_checkpoint(None, tmp_path)
+    assert chosen == str(folder / "epoch_003.ckpt")
+    (aside,) = folder.glob("last.ckpt.damaged-*")  # kept for inspection, never deleted
+    assert aside.stat().st_size > 0 and not (folder / "last.ckpt").exists()
+    assert "last.ckpt is damaged" in caplog.text and "epoch_003.ckpt" in caplog.text
+    assert torch.load(chosen, weights_only=True)["epoch"] == 3
+
+
+def test_an_intact_last_ckpt_resumes_and_an_explicit_damaged_one_is_named(tmp_path):
+    from shared.resume import resume_checkpoint
+
+    folder = _checkpoints(tmp_path, truncate_last=False)
+    assert resume_checkpoint(None, tmp_path) == str(folder / "last.ckpt")
+    bad = folder / "bad.ckpt"
+    bad.write_bytes((folder / "last.ckpt").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"ckpt_path='.*bad.ckpt' cannot be read: BadZipFile"):
+        resume_checkpoint(str(bad), tmp_path)
