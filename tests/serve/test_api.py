@@ -190,6 +190,27 @@ def test_missing_or_malformed_fields(client, service):
     assert not service.settings.data_dir.exists()
 
 
+def test_the_pixels_of_a_whole_request_are_budgeted_before_decoding(service, monkeypatch):
+    """Each image under max_pixels, but together over max_request_pixels: 413 before any
+    image is decoded (16 large images would otherwise cost minutes of CPU)."""
+    import matching.service.app as app_mod
+
+    decoded = []
+    real = app_mod.decode_upload
+    monkeypatch.setattr(app_mod, "decode_upload", lambda *a: decoded.append(a) or real(*a))
+    settings = replace(service.settings, max_pixels=4_000_000, max_request_pixels=10_000_000)
+    _, good = posting_file(service, 0)
+    large = png_claiming(2000, 2000)  # 4 M pixels each: allowed alone
+    with TestClient(build_app(service.embedder, service.gallery, settings)) as c:
+        r = c.post("/match", files=files(good, large, large, large))
+        code, detail = status_and_detail(r)
+        assert code == 413 and "above max_request_pixels=10000000" in detail
+        assert "12" in detail.split("pixels")[0]  # 12,000,000 and some: the total named
+        assert decoded == []  # refused from the headers alone
+        assert c.get("/health").json()["max_request_pixels"] == 10_000_000
+        assert c.post("/match", files=files(good, good)).status_code == 200  # under budget
+
+
 def test_request_body_limit(service):
     settings = replace(service.settings, max_upload_mb=0.05)  # 52428 bytes
     _, good = posting_file(service, 0)

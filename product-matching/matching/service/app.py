@@ -6,7 +6,8 @@ Endpoints are plain `def`s: FastAPI runs them on its thread pool, so decoding an
 (which release the GIL) overlap between requests. Limits, each answered with a 4xx naming
 the upload and the limit: the whole request body (`max_upload_mb`, from Content-Length before
 reading and by counting while reading), the images per request (`max_files`), the pixels of
-one image (`max_pixels`, read from the header before decoding), the formats (PNG, JPEG,
+one image (`max_pixels`) and all images of a request together (`max_request_pixels`), both
+read from the headers before decoding, the formats (PNG, JPEG,
 WebP, GIF, BMP, TIFF), truncated or corrupt files. Added images are written only under
 `data_dir/gallery_images/`, named by a generated id, never by anything the client sent.
 
@@ -31,7 +32,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from matching.service.embedder import Embedder, OnnxEmbedder
 from matching.service.gallery import DuplicatePostingError, Gallery, Hit, Posting, select_matches
-from matching.service.images import EXTENSIONS, ImageRejected, decode_upload, describe_upload
+from matching.service.images import (
+    EXTENSIONS,
+    ImageRejected,
+    decode_upload,
+    describe_upload,
+    read_header,
+)
 from matching.service.page import PAGE
 from shared.retrieval.threshold import MAX_NEIGHBOURS
 
@@ -52,12 +59,13 @@ class Settings:
     max_upload_mb: float  # whole request body
     max_files: int  # images per request
     max_pixels: int  # width x height of one image, checked before decoding
+    max_request_pixels: int  # all images of one request together, checked before decoding
     data_dir: Path  # the only folder the service writes to (added images)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}")
-        for key in ("top_k", "max_top_k", "max_files", "max_pixels"):
+        for key in ("top_k", "max_top_k", "max_files", "max_pixels", "max_request_pixels"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.top_k > self.max_top_k:
@@ -148,6 +156,7 @@ class Health(BaseModel):
     max_upload_mb: float
     max_files: int
     max_pixels: int
+    max_request_pixels: int
 
 
 def image_url(posting_id: str) -> str:
@@ -188,13 +197,23 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
             raise HTTPException(
                 413, f"{len(files)} images in one request, above max_files={settings.max_files}"
             )
-        pixels, names, formats = [], [], []
-        for i, upload in enumerate(files):
-            what = describe_upload(i, upload.filename)
+        uploads = [(describe_upload(i, u.filename), u.file.read()) for i, u in enumerate(files)]
+        total = 0  # decoding costs by the pixel: the whole request is budgeted up front
+        for what, data in uploads:
             try:
-                image, fmt = decode_upload(
-                    upload.file.read(), what, embedder.image_size, settings.max_pixels
-                )
+                total += read_header(data, what, settings.max_pixels)[1]
+            except ImageRejected as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+        if total > settings.max_request_pixels:
+            raise HTTPException(
+                413,
+                f"the {len(uploads)} images hold {total} pixels together, above "
+                f"max_request_pixels={settings.max_request_pixels}: send fewer or smaller images",
+            )
+        pixels, names, formats = [], [], []
+        for what, data in uploads:
+            try:
+                image, fmt = decode_upload(data, what, embedder.image_size, settings.max_pixels)
             except ImageRejected as exc:
                 raise HTTPException(exc.status, str(exc)) from None
             pixels.append(image)

@@ -48,6 +48,11 @@ def describe_upload(index: int, filename: str | None) -> str:
 def check_header(data: bytes, what: str, max_pixels: int) -> str:
     """The image's format after reading its header only; ImageRejected when the upload is
     empty, not an image of `FORMATS`, or larger than `max_pixels`."""
+    return read_header(data, what, max_pixels)[0]
+
+
+def read_header(data: bytes, what: str, max_pixels: int) -> tuple[str, int]:
+    """(format, width x height) from the header only; ImageRejected as `check_header`."""
     if not data:
         raise ImageRejected(400, f"{what} is empty")
     try:
@@ -68,7 +73,7 @@ def check_header(data: bytes, what: str, max_pixels: int) -> str:
             f"{what} is {width}x{height} = {width * height} pixels, above the limit "
             f"max_pixels={max_pixels} (decompression-bomb guard)",
         )
-    return fmt
+    return fmt, width * height
 
 
 def decode_upload(data: bytes, what: str, size: int, max_pixels: int) -> tuple[np.ndarray, str]:

@@ -161,6 +161,7 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
         max_upload_mb=float(cfg.max_upload_mb),
         max_files=int(cfg.max_files),
         max_pixels=int(cfg.max_pixels),
+        max_request_pixels=int(cfg.max_request_pixels),
         data_dir=data_dir,
     )
     return Service(embedder, gallery, settings)
