@@ -3,6 +3,7 @@ gallery's own embeddings."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -209,6 +210,20 @@ def test_the_pixels_of_a_whole_request_are_budgeted_before_decoding(service, mon
         assert decoded == []  # refused from the headers alone
         assert c.get("/health").json()["max_request_pixels"] == 10_000_000
         assert c.post("/match", files=files(good, good)).status_code == 200  # under budget
+
+
+def test_health_answers_while_the_gallery_is_locked(client, service):
+    """A long addition holds the gallery's lock (6.8 s at 300k postings): /health must not
+    wait for it, nor for a thread-pool worker."""
+    route = next(r for r in client.app.routes if getattr(r, "path", "") == "/health")
+    assert inspect.iscoroutinefunction(route.endpoint)  # on the event loop, not the pool
+    with service.gallery._lock:  # what a long addition holds
+        done = {}
+        worker = threading.Thread(target=lambda: done.update(r=client.get("/health")))
+        worker.start()
+        worker.join(timeout=20)
+        assert not worker.is_alive(), "/health waited for the gallery lock"
+    assert done["r"].status_code == 200 and done["r"].json()["gallery_size"] == len(service.gallery)
 
 
 def test_request_body_limit(service):

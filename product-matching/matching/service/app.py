@@ -233,14 +233,16 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
         )
 
     @app.get("/health", response_model=Health)
-    def health() -> Health:
+    async def health() -> Health:
+        # async: answered on the event loop, not queued behind busy workers on the thread
+        # pool, and without the gallery's lock, so a loaded service still says it is alive
         return Health(
             status="ok",
             model=embedder.name,
             backend=backend,
             image_size=embedder.image_size,
             embedding_dim=gallery.dim,
-            gallery_size=len(gallery),
+            gallery_size=gallery.size_now,
             **{k: v for k, v in asdict(settings).items() if k != "data_dir"},
         )
 

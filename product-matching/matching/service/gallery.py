@@ -83,6 +83,12 @@ class Gallery:
         with self._lock:
             return len(self._postings)
 
+    @property
+    def size_now(self) -> int:
+        """The number of postings without waiting for the lock that a long addition or search
+        holds (a list's length is read atomically): for health checks on a busy service."""
+        return len(self._postings)
+
     def get(self, posting_id: str) -> Posting | None:
         with self._lock:
             row = self._rows.get(posting_id)
