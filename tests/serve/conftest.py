@@ -18,7 +18,9 @@ from tests.tracking.conftest import matching_run, tiny_data  # noqa: F401
 
 
 def serve_config(tmp_path, *overrides: str):
-    """conf/serve.yaml as serve.py composes it, with every path under tmp_path."""
+    """conf/serve.yaml as serve.py composes it, with every path under tmp_path. TestClient
+    addresses the app as http://testserver: one of the service's names here."""
+    overrides = ("allowed_hosts=[testserver]", *overrides)
     return compose_config("serve", list(overrides), tmp_path, data_dir=tmp_path / "data")
 
 

@@ -226,6 +226,24 @@ def test_health_answers_while_the_gallery_is_locked(client, service):
     assert done["r"].status_code == 200 and done["r"].json()["gallery_size"] == len(service.gallery)
 
 
+def test_other_hosts_and_cross_origin_posts_are_refused(client, service):
+    """DNS rebinding sends the attacker's host name; a page of another origin sends its
+    Origin. Both are refused before the request reaches the gallery; the service's own page
+    (same origin) and scripts (no Origin) pass."""
+    _, good = posting_file(service, 0)
+    rebound = client.get("/health", headers={"Host": "evil.example:8000"})
+    assert rebound.status_code == 421 and "'evil.example:8000' is not served" in rebound.text
+    before = len(service.gallery)
+    r = client.post("/gallery", files=files(good), headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin POST from 'http://evil.example'" in r.text
+    assert len(service.gallery) == before and not service.settings.data_dir.exists()
+    same = client.post("/match", files=files(good), headers={"Origin": "http://testserver"})
+    assert same.status_code == 200
+    assert client.post("/match", files=files(good)).status_code == 200  # no Origin: a script
+    loopback = client.get("/health", headers={"Host": "127.0.0.1:8000"})
+    assert loopback.status_code == 200
+
+
 def test_request_body_limit(service):
     settings = replace(service.settings, max_upload_mb=0.05)  # 52428 bytes
     _, good = posting_file(service, 0)

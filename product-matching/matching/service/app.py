@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
@@ -60,7 +60,9 @@ class Settings:
     max_files: int  # images per request
     max_pixels: int  # width x height of one image, checked before decoding
     max_request_pixels: int  # all images of one request together, checked before decoding
-    data_dir: Path  # the only folder the service writes to (added images)
+    data_dir: Path
+    # Host names the service answers to (DNS-rebinding guard); loopback names always.
+    allowed_hosts: tuple[str, ...] = ()  # the only folder the service writes to (added images)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
@@ -113,6 +115,56 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(value: str) -> str:
+    """`host[:port]` or `[v6]:port` -> the host name, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class SameOrigin:
+    """ASGI middleware: answer only requests addressed to this service by one of its names
+    (a page whose DNS name was re-pointed at 127.0.0.1 sends its own name: 421), and refuse
+    a state-changing request from a web page of another origin (403). A page the operator
+    merely visits could otherwise add postings; clients without an Origin header (curl,
+    scripts) are not browsers and pass."""
+
+    UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in (*LOOPBACK, *allowed_hosts)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        error = None
+        if _host_name(host) not in self.allowed:
+            error = JSONResponse(
+                {"detail": f"Host {host[:80]!r} is not served here (allowed_hosts: "
+                 f"{', '.join(sorted(self.allowed))})"},
+                421,
+            )  # fmt: skip
+        elif scope["method"] in self.UNSAFE and "origin" in headers:
+            origin = headers["origin"]
+            if urlsplit(origin).netloc.lower() != host.lower():
+                error = JSONResponse(
+                    {"detail": f"cross-origin {scope['method']} from {origin[:80]!r} refused"},
+                    403,
+                )
+        if error is not None:
+            await error(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class PostingOut(BaseModel):
@@ -189,6 +241,7 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
         f"({settings.max_upload_bytes} bytes)"
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, message=too_large)
+    app.add_middleware(SameOrigin, allowed_hosts=tuple(settings.allowed_hosts))
 
     def decode_all(files: list[UploadFile]) -> tuple[np.ndarray, list[str], list[str]]:
         """uint8 [N, 3, S, S], each upload's description and PIL format; HTTP 4xx on the
@@ -243,7 +296,7 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
             image_size=embedder.image_size,
             embedding_dim=gallery.dim,
             gallery_size=gallery.size_now,
-            **{k: v for k, v in asdict(settings).items() if k != "data_dir"},
+            **{k: v for k, v in asdict(settings).items() if k not in ("data_dir", "allowed_hosts")},
         )
 
     @app.post("/match", response_model=MatchResponse)

@@ -163,5 +163,6 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
         max_pixels=int(cfg.max_pixels),
         max_request_pixels=int(cfg.max_request_pixels),
         data_dir=data_dir,
+        allowed_hosts=(*cfg.allowed_hosts, *([] if cfg.host in ("0.0.0.0", "::") else [cfg.host])),
     )
     return Service(embedder, gallery, settings)
