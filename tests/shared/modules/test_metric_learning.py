@@ -12,7 +12,9 @@ class LogCapture(MetricLearningModule):
     """Keeps what `training_step` logs instead of sending it to a trainer."""
 
     def log_dict(self, logs, **_):
-        self.logged = {k: float(getattr(v, "detach", lambda: v)()) for k, v in logs.items()}
+        self.logged = {
+            k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()
+        }
 
     def log(self, *_, **__):
         pass
