@@ -405,7 +405,8 @@ def _cpu_finish_args(d, bright, contrast, matrices, blur, b: int) -> dict:
 class MultiCrop:
     """DINO multi-crop on a uint8 batch: 2 global views + `n_local` local views.
 
-    Defaults follow Caron et al. 2021 (REFERENCE.md): global scale (0.4, 1), local (0.05, 0.4),
+    Defaults follow Caron et al. 2021 (Emerging Properties in Self-Supervised Vision
+    Transformers, appendix): global scale (0.4, 1), local (0.05, 0.4),
     flip 0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, blur 1.0 / 0.1 /
     0.5 (global 1 / global 2 / locals), solarize 0.2 on global 2 only. Sizes are parameters
     so small images (the 64 px synthetic set) use proportionally small crops.

@@ -1,6 +1,6 @@
 """DINO: self-distillation with no labels (Caron et al., ICCV 2021).
 
-Follows the official recipe (facebookresearch/dino, see ../shared/REFERENCE.md): projection
+Follows the paper's recipe (Caron et al. 2021, section 3 and appendix): projection
 head with a weight-normalised last layer, centred and sharpened teacher, teacher-temperature
 warm-up, cosine EMA momentum per step, cosine weight decay, lr warm-up + cosine, last layer
 frozen in the first epoch, per-parameter gradient clipping, multi-crop with one backbone
