@@ -122,34 +122,36 @@ def split_indices(
 
 
 def _split_groups(labels, groups, val_fraction, test_fraction, rng, split) -> None:
-    """Per class, whole groups in random order to test, then val, up to about the fractions
-    of the class's images; the class keeps at least one group in train."""
+    """Per class, whole groups in random order to test, then val, until each has about its
+    fraction of the class's images; the class keeps at least one group in train."""
     if groups is None:
         raise ValueError(
             "data.split_by=group needs a group per image: set data.source.group_col "
             "(a CSV column) or use split_by=instance"
         )
-    _, group_ids = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    spans = {g for g in np.unique(group_ids) if len(np.unique(labels[group_ids == g])) > 1}
-    if spans:
-        example = np.asarray(groups, dtype=str)[group_ids == next(iter(spans))][0]
+    groups = np.asarray(groups, dtype=str)
+    _, group_ids = np.unique(groups, return_inverse=True)
+    pairs = np.unique(np.stack([group_ids, labels]), axis=1)  # one column per (group, label)
+    spans = np.flatnonzero(np.bincount(pairs[0]) > 1)
+    if len(spans):
         raise ValueError(
-            f"{len(spans)} group(s) hold images of several labels (e.g. {example!r}): "
-            "a group must sit inside one class for data.split_by=group"
+            f"{len(spans)} group(s) hold images of several labels (e.g. "
+            f"{groups[group_ids == spans[0]][0]!r}): a group must sit inside one class for "
+            "data.split_by=group"
         )
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        members = rng.permutation(np.unique(group_ids[rows]))
+        _, member = np.unique(group_ids[rows], return_inverse=True)  # group of each row
+        sizes = np.bincount(member)
         targets = {2: round(test_fraction * len(rows)), 1: round(val_fraction * len(rows))}
         taken = {1: 0, 2: 0}
-        for g in members[:-1]:  # the last group stays in train
-            where = rows[group_ids[rows] == g]
-            side = next((k for k in (2, 1) if taken[k] + len(where) <= targets[k]), None)
-            if side is None:
-                side = next((k for k in (2, 1) if taken[k] < targets[k]), 0)
-            if side:
-                split[where] = side
-                taken[side] += len(where)
+        side_of = np.zeros(len(sizes), dtype=np.int8)
+        for g in rng.permutation(len(sizes))[:-1]:  # the last group stays in train
+            side = next((k for k in (2, 1) if taken[k] < targets[k]), 0)
+            if side == 0:
+                break
+            side_of[g], taken[side] = side, taken[side] + sizes[g]
+        split[rows] = side_of[member]
 
 
 class StoreDataModule(LightningDataModule):

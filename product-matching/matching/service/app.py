@@ -60,9 +60,9 @@ class Settings:
     max_files: int  # images per request
     max_pixels: int  # width x height of one image, checked before decoding
     max_request_pixels: int  # all images of one request together, checked before decoding
-    data_dir: Path
-    # Host names the service answers to (DNS-rebinding guard); loopback names always.
-    allowed_hosts: tuple[str, ...] = ()  # the only folder the service writes to (added images)
+    data_dir: Path  # the only folder the service writes to (added images)
+    # Host names the service answers to besides the loopback ones (DNS-rebinding guard).
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
