@@ -125,7 +125,7 @@ def test_a_failing_job_fails_the_sweep_with_its_error(tmp_path):
         cli("ssl", tmp_path, *SLURM, "data.split_by=instance,bogus", "test=false", multirun=True)
     )
     assert out.returncode != 0
-    assert "data.split_by must be 'instance' or 'class', got 'bogus'" in out.stderr
+    assert "data.split_by must be 'instance', 'group' or 'class', got 'bogus'" in out.stderr
     sweep = sweep_dir("ssl", tmp_path)
     assert record(sweep / "0").status == "COMPLETED"
     assert record(sweep / "1").status == "FAILED"
@@ -138,7 +138,8 @@ def test_a_sweep_whose_jobs_all_fail_reports_every_error(tmp_path):
     assert "2 of 2 jobs failed" in text
     for bad in ("bogus1", "bogus2"):
         assert (
-            f"FAILED: ValueError: data.split_by must be 'instance' or 'class', got '{bad}'" in text
+            f"FAILED: ValueError: data.split_by must be 'instance', 'group' or 'class', got '{bad}'"
+            in text
         )
 
 
