@@ -9,6 +9,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from shared.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -46,8 +48,4 @@ def instantiate_group(cfg: DictConfig | None, key: str) -> list:
 def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     """Write the fully resolved config beside the checkpoints (for notebooks and load_run)."""
     path = Path(output_dir) / "config_resolved.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
-    return path
+    return write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

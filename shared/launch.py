@@ -26,6 +26,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from shared.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("slurm", "local")
@@ -282,10 +284,8 @@ class JobReport(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         out = Path(config.hydra.runtime.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{JOB_RETURN}.tmp"
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(job_record(config, job_return))))
-        tmp.replace(out / JOB_RETURN)
+        record = OmegaConf.create(job_record(config, job_return))
+        write_text(out / JOB_RETURN, OmegaConf.to_yaml(record))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._sweep_dir = str(config.hydra.sweep.dir)

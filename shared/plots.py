@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from shared.atomic import atomic_write
 
 
 def curve_figure(rows: list[dict], x: str, keys: list[str], ylabel: str = ""):
@@ -32,8 +33,7 @@ def plot_curves(
 
     path = Path(path)
     fig = curve_figure(rows, x, keys, ylabel)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

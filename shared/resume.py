@@ -9,6 +9,9 @@ import zipfile
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from shared.atomic import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +32,28 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str | Path, auto: bool 
             raise ValueError(f"ckpt_path={str(path)!r} cannot be read: {problem}")
         return str(path)
     folder = Path(output_dir) / "checkpoints"
-    last = folder / "last.ckpt"
-    if not (auto and last.is_file()):
+    if not auto:
         return None
-    if problem := unreadable(last):
-        aside = last.with_name(f"last.ckpt.damaged-{int(time.time())}")
-        os.replace(last, aside)
-        older = [p for p in sorted(folder.glob("*.ckpt"), key=os.path.getmtime, reverse=True)]
-        fallback = next((p for p in older if not unreadable(p)), None)
-        log.warning(
-            "%s is damaged (%s): moved to %s; resuming from %s",
-            last,
-            problem,
-            aside.name,
-            fallback or "the start (no complete checkpoint left)",
-        )
-        if fallback is None:
-            return None
-        last = fallback
-    log.info("Resuming from %s", last)
-    return str(last)
+    first = rank_zero_only.rank == 0  # the other ranks of a DDP run only read
+    if first:
+        remove_stale_temps(folder, "*.ckpt")
+    last = folder / "last.ckpt"
+    if last.is_file():
+        problem = unreadable(last)
+        if problem is None:
+            log.info("Resuming from %s", last)
+            return str(last)
+        if first:
+            aside = last.with_name(f"last.ckpt.damaged-{int(time.time())}")
+            os.replace(last, aside)
+            log.warning("%s is damaged (%s): moved to %s", last, problem, aside.name)
+    elif not any(folder.glob("last.ckpt.damaged-*")):
+        return None  # a fresh run
+    # last.ckpt was damaged (set aside by this or an earlier start): the newest complete one
+    older = sorted(folder.glob("*.ckpt"), key=os.path.getmtime, reverse=True)
+    fallback = next((p for p in older if p.name != "last.ckpt" and not unreadable(p)), None)
+    log.warning("Resuming from %s", fallback or "the start (no complete checkpoint left)")
+    return str(fallback) if fallback else None
 
 
 def unreadable(path: Path) -> str | None:

@@ -17,12 +17,15 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from shared.atomic import write_text
 from shared.callbacks.final_validation import ValidateLastEpoch
 from shared.callbacks.progress_log import ProgressLog
+from shared.checkpoint_io import use_atomic_checkpoints
 from shared.config import check_trainer_config, prepare_environment
 from shared.instantiate import instantiate, instantiate_group, save_resolved_config
 from shared.resume import check_compatible, resume_checkpoint
 from shared.summary import best_checkpoint, final_metric
+from shared.tracking.csv_logger import CsvHistory
 from shared.tracking.loggers import finish_loggers, log_config
 from shared.tracking.run_summary import RunSummaryCallback
 
@@ -50,9 +53,10 @@ def _run(cfg: DictConfig) -> float | None:
     # + parameter and FLOPs summary (at the first evaluation or fit start, once data is set
     # up), a validation of the last epoch whatever the cadence, and plain progress lines
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
-    callbacks += [RunSummaryCallback(), ValidateLastEpoch(), ProgressLog()]
+    callbacks += [RunSummaryCallback(), ValidateLastEpoch(), ProgressLog(), CsvHistory()]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    use_atomic_checkpoints(trainer)
     log_config(loggers, cfg)
 
     results: dict = {"run_dir": str(out)}
@@ -96,10 +100,7 @@ def _first(outputs: list[dict]) -> dict:
 
 def _write_results(out: Path, results: dict) -> None:
     """`results.json` (atomically) and the closing line: where the run is, what it scored."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".results.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "results.json")
+    write_text(out / "results.json", json.dumps(results, indent=1))
     test = results.get("test") or {}
     figures = ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items())) or "not tested"
     log.info(

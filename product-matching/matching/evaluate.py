@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from shared.atomic import write_text
 from shared.callbacks.embeddings import EmbeddingCallback
 from shared.retrieval.metrics import retrieval_metrics
 from shared.retrieval.search import knn_search
@@ -106,13 +106,8 @@ class MatchingEvalCallback(EmbeddingCallback):
         out.mkdir(parents=True, exist_ok=True)
         plot_threshold_sweep(result, out / "threshold_sweep.png")
         self.history.append({"epoch": trainer.current_epoch, **metrics})
-        tmp = out / f".matching_eval.json.tmp{os.getpid()}"
-        tmp.write_text(
-            json.dumps(
-                {"latest": result.to_dict(), "history": self.history}, indent=1, default=float
-            )
-        )
-        os.replace(tmp, out / "matching_eval.json")
+        state = {"latest": result.to_dict(), "history": self.history}
+        write_text(out / "matching_eval.json", json.dumps(state, indent=1, default=float))
 
     def state_dict(self):
         return {"threshold": self.threshold, "history": self.history}

@@ -8,12 +8,13 @@ folds the validation score would leak. Groups linked by a shared phash are there
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold
+
+from shared.atomic import write_text
 
 
 def linked_components(label_groups: np.ndarray, phashes: np.ndarray | None) -> np.ndarray:
@@ -70,8 +71,5 @@ def load_or_make_folds(
         if saved.get("n_folds") == n_folds and saved.get("ids") == ids:
             return np.asarray(saved["folds"], dtype=np.int64)
     folds = make_folds(frame, n_folds, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"n_folds": n_folds, "ids": ids, "folds": folds.tolist()}))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"n_folds": n_folds, "ids": ids, "folds": folds.tolist()}))
     return folds

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from shared.atomic import atomic_write
 from shared.data.sources import CsvSource
 from shared.data.store import build_store
 from shared.retrieval.search import knn_search
@@ -38,16 +38,12 @@ def embed_store(module, images: torch.Tensor, batch_size: int = 256) -> np.ndarr
 
 def write_matches(path: str | Path, ids: list[str], matches: list[list[str]]) -> Path:
     """`posting_id,matches` with space-separated ids, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["posting_id", "matches"])
         for pid, row in zip(ids, matches, strict=True):
             writer.writerow([pid, " ".join(map(str, row))])
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def read_matches(path: str | Path) -> dict[str, list[str]]:

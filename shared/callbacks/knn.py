@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shared.atomic import write_text
 from shared.callbacks.embeddings import EmbeddingCallback
 from shared.retrieval.knn import knn_accuracy
 
@@ -64,9 +65,7 @@ class KNNCallback(EmbeddingCallback):
 
     def _write_history(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "knn_history.json.tmp"
-        tmp.write_text(json.dumps(self.history, indent=1))
-        tmp.replace(out / "knn_history.json")
+        write_text(out / "knn_history.json", json.dumps(self.history, indent=1))
         from shared.plots import plot_curves
 
         plot_curves(

@@ -10,7 +10,6 @@ re-reads the same similarities, a whole sweep costs one search.
 from __future__ import annotations
 
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import numba
 import numpy as np
+
+from shared.atomic import atomic_write
 
 # The competition caps groups at 50 and a k = 51 self-search returns self + 50 others.
 MAX_NEIGHBOURS = 50
@@ -584,13 +585,6 @@ def plot_threshold_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
     ax.legend(loc="lower left")
     fig.tight_layout()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png")
     return path

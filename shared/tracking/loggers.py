@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.atomic import temp_name
 
 log = logging.getLogger(__name__)
 
@@ -13,6 +19,28 @@ def find_logger(loggers, kind: str):
         if type(logger).__name__ == kind:
             return logger
     return None
+
+
+def persistent_id(path: str | Path, make: Callable[[], str]) -> str:
+    """The id stored in `path`, or a new one from `make()` stored there first.
+
+    A tracker's run id kept in the run directory: a restarted or requeued run continues the
+    same tracked run. Created by a hard link, which fails if the file exists, so processes
+    starting together (DDP ranks) all end up with the one id that won.
+    """
+    path = Path(path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(path)
+        tmp.write_text(make())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    return path.read_text().strip()
 
 
 def flat_config(cfg) -> dict[str, object]:

@@ -13,11 +13,17 @@ downloaded folder is a run directory that `load_run` opens.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from shared.tracking.loggers import persistent_id
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", "config_resolved.yaml")
 
@@ -27,10 +33,24 @@ def mlflow_key(name: str) -> str:
 
 
 class MLFlowLogger(_MLFlowLogger):
-    def __init__(self, *args, **kwargs) -> None:
+    """`run_id_file`: where the MLflow run id is kept, so a restarted or requeued run logs
+    into the same MLflow run (ignored when `run_id` is given)."""
+
+    def __init__(self, *args, run_id_file: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._run_id_file = Path(run_id_file) if run_id_file else None
+        if self._run_id is None and self._run_id_file and self._run_id_file.is_file():
+            self._run_id = self._run_id_file.read_text().strip()
         self._savers: dict[str, object] = {}  # alias -> the ModelCheckpoint that saves it
         self._logged: set[tuple[str, str, int]] = set()
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        client = _MLFlowLogger.experiment.fget(self)
+        if self._run_id_file is not None and not self._run_id_file.is_file():
+            persistent_id(self._run_id_file, lambda: self._run_id)
+        return client
 
     def after_save_checkpoint(self, checkpoint_callback) -> None:
         if self._log_model:  # the monitored callback keeps the best; the other, the latest
@@ -57,6 +77,23 @@ class MLFlowLogger(_MLFlowLogger):
                     folder = str(Path(where, name).parent)
                     self.experiment.log_artifact(self.run_id, str(run_dir / name), folder)
             self._logged.add(stamp)
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        """MLflow refuses to change a logged parameter, so a run resumed with new values
+        (e.g. more epochs) logs those as tags `resumed_with/<key>` and keeps the first."""
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        params = {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(params)).items()}
+        logged = self.experiment.get_run(self.run_id).data.params
+        changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+        for key, value in changed.items():
+            self.experiment.set_tag(self.run_id, f"resumed_with/{key}", value)
+        if changed:
+            log.warning("MLflow run %s resumed with new values of %s", self.run_id, sorted(changed))
+        fresh = {k: v for k, v in params.items() if k not in logged}
+        if fresh:
+            super().log_hyperparams(fresh)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

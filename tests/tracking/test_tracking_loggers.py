@@ -121,3 +121,27 @@ def test_mlflow_models_are_the_best_and_the_latest_with_their_config(
         ckpt = local / "checkpoints" / name
         assert ckpt.read_bytes() == (run / "checkpoints" / name).read_bytes()
         assert torch.load(ckpt, weights_only=True)["epoch"] >= 0
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(compose_cfg, tiny_data, wandb_offline):
+    """A restart on the same run directory (what a requeue does) resumes from last.ckpt and
+    logs into the same MLflow run and the same W&B run id."""
+    from mlflow.tracking import MlflowClient
+
+    first = fit(compose_cfg, tiny_data, "[mlflow,wandb]", "trainer.max_epochs=1")
+    again = fit(compose_cfg, tiny_data, "[mlflow,wandb]", "trainer.max_epochs=2")
+    assert again == first  # compose_cfg gives one output_dir per test: the same run directory
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{first / 'mlflow.db'}")
+    (experiment,) = client.search_experiments(filter_string="name = 'reprmatch-ssl'")
+    (found,) = client.search_runs([experiment.experiment_id])  # one run, not two
+    assert (first / "mlflow_run_id").read_text() == found.info.run_id
+    assert found.data.params["trainer.max_epochs"] == "1"  # MLflow keeps a param's first value
+    assert found.data.tags["resumed_with/trainer.max_epochs"] == "2"
+    steps = {m.step for m in client.get_metric_history(found.info.run_id, "val/knn_top1_at_10")}
+    assert len(steps) == 2  # epoch 1's validation (first start), epoch 2's (second start)
+
+    run_id = (first / "wandb_run_id").read_text()
+    offline = sorted((first / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)
