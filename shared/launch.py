@@ -149,7 +149,7 @@ class LaunchCheck(Callback):
     config), so every job's `trainer.devices` / `num_nodes` / accelerator must match it.
     """
 
-    def __init__(self, scheduler: str = "slurm") -> None:
+    def __init__(self, scheduler: str) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(
                 f"LaunchCheck scheduler must be one of {SCHEDULERS}, got {scheduler!r}"

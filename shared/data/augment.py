@@ -417,20 +417,20 @@ class MultiCrop:
 
     def __init__(
         self,
-        global_size: int = 224,
-        local_size: int = 96,
-        n_local: int = 8,
+        global_size: int = 64,
+        local_size: int = 32,
+        n_local: int = 4,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
         flip_p: float = 0.5,
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.0),
         jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
+        grayscale_p: float = 0.0,
         blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
         solarize_p: float = 0.2,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
-        subpixel_boxes: bool = False,
+        subpixel_boxes: bool = True,
     ) -> None:
         gs, ls = tuple(global_scale), tuple(local_scale)
         self.subpixel_boxes = subpixel_boxes

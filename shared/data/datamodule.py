@@ -168,7 +168,7 @@ class StoreDataModule(LightningDataModule):
         source,
         store_root: str,
         image_size: int = 64,
-        batch_size: int = 128,
+        batch_size: int = 64,
         eval_batch_size: int = 256,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,

@@ -7,7 +7,6 @@ Everything is built from plain values, so a checkpoint rebuilds the module on it
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from shared.models.cgd import CGDNet, batch_hard_triplet_loss, cgd_aux_loss
 from shared.models.dolg import DOLGNet
 from shared.models.margin_heads import ArcFaceHead
 from shared.modules.base import EmbeddingModule
+from shared.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,12 @@ class MetricLearningModule(EmbeddingModule):
         train_labels: list[int] | None = None,
         dynamic_margins: bool = False,
         lr: float = 1e-3,
-        backbone_lr_mult: float = 0.1,
+        backbone_lr_mult: float = 1.0,
         head_lr_mult: float = 10.0,
         weight_decay: float = 1e-4,
         warmup_epochs: int = 1,
         min_lr_ratio: float = 0.01,
-        aux_weight: float = 1.0,
+        aux_weight: float = 0.0,
         aux_label_smoothing: float = 0.1,
         triplet_weight: float = 0.0,
         triplet_margin: float = 0.1,
@@ -164,13 +164,12 @@ class MetricLearningModule(EmbeddingModule):
 
 
 class WarmupCosine:
-    """lr factor: linear warm-up, then cosine to `min_ratio` (a picklable LambdaLR callable)."""
+    """lr factor: `shared.schedules.warmup_cosine` from 1/warmup up to 1, then down to
+    `min_ratio` (a picklable LambdaLR callable: its plain fields go into checkpoints)."""
 
     def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
         self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        start = 1.0 / max(1, self.warmup)
+        return float(warmup_cosine(step, 1.0, self.min_ratio, self.total, self.warmup, start))
