@@ -41,7 +41,17 @@ class Probe(L.Callback):
     def __init__(self):
         self.records = []
 
+    def _teacher_after_ema(self, module):
+        # The module's on_train_batch_end (the EMA) runs after the callbacks' hook: the teacher
+        # a step produced is read when the next batch starts, or when the epoch ends.
+        if self.records and "teacher" not in self.records[-1]:
+            self.records[-1]["teacher"] = copy.deepcopy(module.teacher_backbone.state_dict())
+
+    def on_train_epoch_end(self, trainer, module):
+        self._teacher_after_ema(module)
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._teacher_after_ema(module)
         self.before = {
             "student": copy.deepcopy(module.student_backbone.state_dict()),
             "teacher": copy.deepcopy(module.teacher_backbone.state_dict()),
@@ -55,7 +65,6 @@ class Probe(L.Callback):
         self.records.append(
             dict(
                 student=copy.deepcopy(module.student_backbone.state_dict()),
-                teacher=copy.deepcopy(module.teacher_backbone.state_dict()),
                 last_v=module.student_head.last_layer.parametrizations.weight.original1.clone(),
                 momentum=float(module._schedules["momentum"][trainer.global_step - 1]),
                 before=self.before,
