@@ -83,7 +83,9 @@ def _self_ids(n_rows: int, n_gallery: int, query_ids: Any) -> np.ndarray:
     return self_ids
 
 
-def _checked(sims: Any, idx: Any, n_gallery: int, query_ids: Any):
+def _checked(
+    sims: Any, idx: Any, n_gallery: int, query_ids: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Similarities, indices and each row's gallery position, shapes checked."""
     s, ix = _float_sims(sims), _numpy(idx).astype(np.int64, copy=False)
     if s.ndim != 2 or s.shape != ix.shape:
@@ -223,11 +225,15 @@ def threshold_sweep(
 
 
 def _score_changes(
-    c: _Candidates, codes: np.ndarray, counts: np.ndarray, sorted_thr: np.ndarray, min2: Any
+    c: _Candidates,
+    codes: np.ndarray,
+    counts: np.ndarray,
+    sorted_thr: np.ndarray,
+    min2: float | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Summed (F1, precision, recall) of the rows' candidate changes, binned by how many
-    sorted thresholds predict the candidate ([T + 1, 3]), and of the rows with no candidate
-    predicted ([3])."""
+    """The change each candidate makes to its row's (F1, precision, recall) when it joins,
+    summed per bin (how many sorted thresholds predict it; [T + 1, 3]), and the rows' summed
+    scores with no candidate predicted ([3]). Non-candidates change nothing (bin 0)."""
     own = codes[c.self_ids]
     group = counts[own][:, None].astype(np.float64)
     hit = c.cand & (codes[np.maximum(c.idx, 0)] == own[:, None])
