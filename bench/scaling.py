@@ -144,14 +144,12 @@ def run_case(case: dict) -> dict:
         from threshold_sweep import synthetic_postings
 
         x, labels = synthetic_postings(n, seed)
-        # numba compiles the sweep on first use (or loads its cache): not part of the timing
-        threshold_sweep(np.ones((1, 1), np.float32), np.zeros((1, 1)), [0], SWEEP_THRESHOLDS)
 
         def path():
             t0 = time.perf_counter()
             sims, idx = knn_search(x, x, SWEEP_K, **opts)
             t1 = time.perf_counter()
-            res = threshold_sweep(sims, idx, labels, SWEEP_THRESHOLDS, threads=case["threads"])
+            res = threshold_sweep(sims, idx, labels, SWEEP_THRESHOLDS)
             t2 = time.perf_counter()
             out = {"best_f1": res.best_f1, "best_threshold": res.best_threshold,
                    "f1": res.f1.tolist(), "neighbours": idx[:RECALL_ROWS]}  # fmt: skip

@@ -4,16 +4,15 @@ Synthetic Shopee-like data (20k postings in small label groups, 64-d embeddings,
 k = 51 self-search, shared by every method and not timed). Methods:
 
   vectorised          shared.retrieval.threshold.threshold_sweep: every threshold at once,
-                      O(N k + T): one compiled (numba) pass adds each candidate's score
-                      change to a histogram over the thresholds; compiled before timing
+                      O(N k log T): numpy adds each candidate's score change to a
+                      histogram over the thresholds, one cumulative sum reads them all
   per-threshold loop  one numpy pass over all rows per threshold, the shared work (sorting,
                       masks, true-match flags) hoisted out of the loop: O(N k T)
   naive python        per row and per threshold with Python sets, the metric's definition
                       written out (on a subset of rows, against the vectorised sweep of the
                       same rows)
 
-The vectorised sweep (on 1 thread, and on `--sweep-threads` threads: row blocks in parallel)
-and the loop run at `--thresholds` and at 10x as many. Repetitions are
+The vectorised sweep and the loop run at `--thresholds` and at 10x as many. Repetitions are
 interleaved (each rep runs every method back to back) and the best is reported; `x vec` is
 a method's best time over the vectorised sweep's at the same rows and thresholds. F1,
 precision and recall must agree to 1e-12 between all methods, or the script fails.
@@ -115,8 +114,6 @@ def main() -> None:
     parser.add_argument("--min2", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method")
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads (the search)")
-    parser.add_argument("--sweep-threads", type=int, default=2,
-                        help="also time the sweep on this many threads (1: skip)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
@@ -129,27 +126,23 @@ def main() -> None:
     subset = np.random.default_rng(1).choice(args.rows, args.naive_rows, replace=False)
     grids = {n: np.linspace(0.3, 0.99, n) for n in (args.thresholds, 10 * args.thresholds)}
 
-    def sweep(n_thr, threads=1):
-        res = threshold_sweep(sims, idx, labels, grids[n_thr], min2=args.min2, threads=threads)
+    def sweep(n_thr):
+        res = threshold_sweep(sims, idx, labels, grids[n_thr], min2=args.min2)
         return res.f1, res.precision, res.recall
 
     # (method, rows, thresholds) -> callable returning (f1, precision, recall)
     methods = {}
     for n_thr in grids:
         methods["vectorised", args.rows, n_thr] = lambda n_thr=n_thr: sweep(n_thr)
-        if args.sweep_threads > 1:
-            key = (f"vectorised {args.sweep_threads} thr", args.rows, n_thr)
-            methods[key] = lambda n_thr=n_thr: sweep(n_thr, args.sweep_threads)
         methods["per-threshold loop", args.rows, n_thr] = lambda n_thr=n_thr: per_threshold_loop(
             sims, idx, labels, grids[n_thr], args.min2
         )
     thr = grids[args.thresholds]
     methods["vectorised", args.naive_rows, args.thresholds] = lambda: (
         threshold_sweep(
-            sims[subset], idx[subset], labels, thr, query_ids=subset, min2=args.min2, threads=1
+            sims[subset], idx[subset], labels, thr, query_ids=subset, min2=args.min2
         ).f1,
     )
-    sweep(args.thresholds)  # compile (or load numba's cache) outside the timing
     times: dict[tuple, list[float]] = {key: [] for key in methods}
     answers: dict[tuple, tuple] = {}
     for rep in tqdm(range(args.repeats), desc="threshold sweep reps", unit="rep"):
@@ -172,11 +165,6 @@ def main() -> None:
         diffs[f"loop_vs_vectorised_{n_thr}"] = float(
             max(np.abs(a - b).max() for a, b in zip(vec, loop, strict=True))
         )
-        if args.sweep_threads > 1:
-            par = answers[f"vectorised {args.sweep_threads} thr", args.rows, n_thr]
-            diffs[f"threads_vs_one_{n_thr}"] = float(
-                max(np.abs(a - b).max() for a, b in zip(vec, par, strict=True))
-            )
     sub_vec = answers["vectorised", args.naive_rows, args.thresholds][0]
     naive = answers["naive python", args.naive_rows, args.thresholds][0]
     diffs["naive_vs_vectorised_subset"] = float(np.abs(sub_vec - naive).max())
@@ -192,7 +180,7 @@ def main() -> None:
             "x_vectorised": round(min(ts) / base, 2),
         })  # fmt: skip
     rows.sort(key=lambda r: (-r["rows"], r["thresholds"], r["method"] != "vectorised"))
-    best = threshold_sweep(sims, idx, labels, thr, min2=args.min2, threads=1)
+    best = threshold_sweep(sims, idx, labels, thr, min2=args.min2)
     elapsed = time.perf_counter() - t_start
 
     print(f"\nk={K}, min2={args.min2}, best of {args.repeats} interleaved runs (naive: 1 run)")

@@ -9,9 +9,10 @@ import numpy as np
 
 from shared.atomic import write_text
 from shared.callbacks.embeddings import EmbeddingCallback
+from shared.plots import plot_threshold_sweep
 from shared.retrieval.metrics import retrieval_metrics
 from shared.retrieval.search import knn_search
-from shared.retrieval.threshold import neighbourhood_blend, plot_threshold_sweep, threshold_sweep
+from shared.retrieval.threshold import neighbourhood_blend, threshold_sweep
 
 
 def sweep_embeddings(
