@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from matching.folds import load_or_make_folds
 from shared.data.datamodule import StoreDataModule
-from shared.data.sources import CsvSource
+from shared.data.sources import DEFAULT_BACKGROUND, CsvSource, check_background
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,11 @@ class ProductsDataModule(StoreDataModule):
         n_folds: int = 5,
         test_fold: int | None = None,
         skip_corrupt: bool = False,
+        background: Sequence[int] = DEFAULT_BACKGROUND,
         **kwargs,
     ) -> None:
         super().__init__(source=None, store_root=store_root, **kwargs)
+        self.background = check_background(background, "data.background")
         if not 0 <= fold < n_folds:
             raise ValueError(
                 f"data.fold={fold} is out of range: n_folds={n_folds} "
@@ -96,6 +99,7 @@ class ProductsDataModule(StoreDataModule):
                 label_col="label_group",
                 id_col="posting_id",
                 skip_corrupt=self.skip_corrupt,
+                background=self.background,
             )
         return self.source
 

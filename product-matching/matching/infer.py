@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from shared.atomic import atomic_write
-from shared.data.sources import CsvSource
+from shared.data.sources import DEFAULT_BACKGROUND, CsvSource, check_background
 from shared.data.store import build_store
 from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import matches_from_threshold
@@ -26,6 +27,13 @@ def run_threshold(callbacks_state: dict) -> float | None:
         if key.startswith("MatchingEvalCallback") and value.get("threshold") is not None:
             return float(value["threshold"])
     return None
+
+
+def run_background(config) -> tuple[int, int, int]:
+    """The colour the run's images were composited on (`data.background`), so new images
+    decode as its training images did; white for runs made before the key existed."""
+    value = OmegaConf.select(config, "data.background", default=None)
+    return DEFAULT_BACKGROUND if value is None else check_background(value, "data.background")
 
 
 @torch.no_grad()
@@ -68,7 +76,11 @@ def match_postings(
         if threshold is None:
             raise ValueError(f"{run.checkpoint} stores no threshold: pass one explicitly")
     source = CsvSource(
-        str(csv_path), str(image_dir) if image_dir else None, label_col=None, id_col="posting_id"
+        str(csv_path),
+        str(image_dir) if image_dir else None,
+        label_col=None,
+        id_col="posting_id",
+        background=run_background(run.config),
     )
     size = int(run.config.data.image_size)
     root = Path(store_root) if store_root else Path(run.run_dir) / "inference_stores"

@@ -6,8 +6,8 @@ Layout of a store directory:
         tensors/     TensorDict memmap: images uint8 [N,3,S,S], labels int64 [N], row int64 [N]
         meta.json    key, source description, ids, class names (written last)
 
-The key hashes the source's description (files, sizes, mtimes or generator spec) and the
-image size, so a changed source gets a new store. A store is built in a temporary
+The key hashes the source's description (files, sizes, mtimes and how they are decoded, or
+the generator spec) and the image size, so a changed source or decoding gets a new store. A store is built in a temporary
 directory and renamed into place, so a killed build leaves nothing that looks complete, and
 jobs that start together build it once (`shared.data.publish`).
 """

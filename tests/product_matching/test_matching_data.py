@@ -152,3 +152,27 @@ def test_errors_name_this_pipelines_keys(tmp_path, postings):
     assert "set data.skip_corrupt=true" in message and "data.source" not in message
     with pytest.raises(FileNotFoundError, match=r"^data.csv_path='/nowhere.csv' does not exist"):
         PostingsCsvSource("/nowhere.csv")
+
+
+def test_background_is_checked_early_and_reaches_the_store(tmp_path, postings):
+    """`data.background` is refused by name before any file is read, and keys the store."""
+    csv, _ = postings
+    with pytest.raises(ValueError, match=r"^data.background=\[0, 0\] is not a colour"):
+        datamodule(tmp_path, csv, background=[0, 0])
+    dm = datamodule(tmp_path, csv, background=[0, 0, 0])
+    dm.setup()
+    assert dm.source.background == (0, 0, 0)
+    white = datamodule(tmp_path, csv)
+    white.setup()
+    assert white.store.path != dm.store.path
+
+
+def test_inference_decodes_on_the_runs_background():
+    from omegaconf import OmegaConf
+
+    from matching.infer import run_background
+
+    assert run_background(OmegaConf.create({"data": {"background": [1, 2, 3]}})) == (1, 2, 3)
+    assert run_background(OmegaConf.create({"data": {}})) == (255, 255, 255)  # older runs
+    with pytest.raises(ValueError, match=r"data.background=\[1, 2, 3, 4\]"):
+        run_background(OmegaConf.create({"data": {"background": [1, 2, 3, 4]}}))

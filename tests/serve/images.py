@@ -35,3 +35,14 @@ def png_claiming(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
     )
+
+
+def with_orientation(pixels: np.ndarray, orientation: int, fmt: str = "PNG") -> bytes:
+    """The image a camera writes for upright `pixels` held with EXIF `orientation` 6 (stored
+    turned anticlockwise) or 8 (turned clockwise): viewers turn it back by the tag."""
+    stored = np.rot90(pixels, {6: 1, 8: -1}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(stored)).save(buf, format=fmt, exif=exif.tobytes())
+    return buf.getvalue()

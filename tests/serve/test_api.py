@@ -4,6 +4,7 @@ gallery's own embeddings."""
 from __future__ import annotations
 
 import inspect
+import io
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -11,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from matching.service.app import build_app
 from matching.service.images import decode_upload
-from tests.serve.images import png_claiming, random_png
+from tests.serve.images import png_bytes, png_claiming, random_png, with_orientation
 
 
 def posting_file(service, i: int) -> tuple[str, bytes]:
@@ -66,6 +68,36 @@ def test_a_gallery_image_matches_its_own_posting_first(client, service):
         assert top["posting_id"] == pid and top["similarity"] == pytest.approx(1.0, abs=1e-4)
         assert result["matches"][0]["posting_id"] == pid
         assert top["image_url"] == f"/gallery/{pid}/image"
+
+
+def neighbours(client, blob: bytes) -> list[tuple[str, float]]:
+    body = client.post("/match", files=files(blob)).json()
+    return [(n["posting_id"], n["similarity"]) for n in body["results"][0]["neighbours"]]
+
+
+def test_an_exif_rotated_phone_photo_matches_as_the_upright_image(client, service):
+    """A gallery image saved turned, with the EXIF tag that turns it back (lossless, so the
+    pixels are comparable): exactly the upright image's neighbours, its own posting first.
+    (JPEG orientation is checked pixel by pixel in tests/shared/data/test_decode.py.)"""
+    for i in (1, 9):
+        pid, blob = posting_file(service, i)
+        upright = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+        expected = neighbours(client, blob)
+        assert expected[0][0] == pid
+        for orientation in (6, 8):
+            got = neighbours(client, with_orientation(upright, orientation))
+            assert [p for p, _ in got] == [p for p, _ in expected]
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+
+
+def test_transparent_pixels_take_the_services_background(service):
+    """A fully transparent upload matches as a plain image of the background colour."""
+    clear = png_bytes(np.zeros((32, 32, 4), np.uint8))
+    for background in ((255, 255, 255), (30, 160, 90)):
+        settings = replace(service.settings, background=background)
+        with TestClient(build_app(service.embedder, service.gallery, settings)) as c:
+            solid = png_bytes(np.full((32, 32, 3), background, np.uint8))
+            assert neighbours(c, clear) == neighbours(c, solid)
 
 
 def test_neighbours_are_the_brute_force_ranking(client, service):

@@ -11,7 +11,7 @@ from PIL import Image, ImageFile
 
 from matching.service.images import ImageRejected, check_header, decode_upload
 from shared.run_loading import load_run
-from tests.serve.images import png_claiming, random_png
+from tests.serve.images import png_bytes, png_claiming, random_png, with_orientation
 
 
 def rejected(data: bytes, max_pixels: int = 10_000_000, size: int = 32) -> ImageRejected:
@@ -29,6 +29,26 @@ def test_upload_of_a_gallery_file_gets_exactly_the_stores_pixels(matching_run):
         pixels, fmt = decode_upload(path.read_bytes(), "f", int(run.config.data.image_size), 10**6)
         assert fmt == "PNG"
         np.testing.assert_array_equal(pixels, store.images[row].numpy())
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_an_exif_rotated_upload_decodes_as_the_upright_image(orientation):
+    upright = np.random.default_rng(orientation).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    expected = decode_upload(png_bytes(upright), "f", 32, 10**6)[0]
+    rotated, fmt = decode_upload(with_orientation(upright, orientation), "f", 32, 10**6)
+    assert fmt == "PNG"
+    np.testing.assert_array_equal(rotated, expected)
+
+
+def test_a_transparent_upload_is_composited_on_the_given_background():
+    rgba = np.zeros((32, 32, 4), np.uint8)  # fully transparent
+    data = png_bytes(rgba)
+    for background in ((255, 255, 255), (30, 160, 90)):
+        pixels = decode_upload(data, "f", 32, 10**6, background)[0]
+        np.testing.assert_array_equal(
+            pixels, np.broadcast_to(np.array(background)[:, None, None], pixels.shape)
+        )
+    assert decode_upload(data, "f", 32, 10**6)[0].min() == 255  # white by default
 
 
 def test_formats_resize_and_crop():

@@ -201,3 +201,32 @@ def test_the_command_line_serves(matching_run, tmp_path):
         proc.wait(timeout=30)
     assert list(cwd.iterdir()) == []  # no logs, no .hydra, no outputs
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # data_dir: only folders
+
+
+def test_background_is_the_runs_unless_set_and_a_conflict_is_refused(loaded):
+    """null takes the run's data.background (white for runs older than the key); a value
+    that differs from the run's is refused while the run's postings are the gallery."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from matching.service.loading import service_background
+    from shared.data.sources import DEFAULT_BACKGROUND
+
+    assert loaded.settings.background == DEFAULT_BACKGROUND  # conf/serve.yaml + the tiny run
+
+    def cfg(**kw):
+        return OmegaConf.create({"background": None, "gallery": None, **kw})
+
+    run = SimpleNamespace(config=OmegaConf.create({"data": {"background": [10, 20, 30]}}))
+    run.run_dir = "runs/x"
+    old = SimpleNamespace(config=OmegaConf.create({"data": {}}), run_dir="runs/old")
+    assert service_background(cfg(), run) == (10, 20, 30)
+    assert service_background(cfg(), old) == service_background(cfg(), None) == DEFAULT_BACKGROUND
+    with pytest.raises(ValueError, match=r"background=\[0, 0, 0\] differs from data.background"):
+        service_background(cfg(background=[0, 0, 0]), run)
+    assert service_background(cfg(background=[0, 0, 0], gallery="g.csv"), run) == (0, 0, 0)
+    with pytest.raises(ValueError, match=r"background=\[1, 2\] is not a colour"):
+        service_background(cfg(background=[1, 2]), None)
+    with pytest.raises(ValueError, match="background=.* is not a colour"):
+        replace(loaded.settings, background=(0, 0, 300))

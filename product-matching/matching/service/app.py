@@ -40,6 +40,7 @@ from matching.service.images import (
     read_header,
 )
 from matching.service.page import PAGE
+from shared.data.sources import DEFAULT_BACKGROUND, check_background
 from shared.retrieval.threshold import MAX_NEIGHBOURS
 
 # Ids a client may choose for new postings: no separators, so never a path.
@@ -63,6 +64,9 @@ class Settings:
     data_dir: Path  # the only folder the service writes to (added images)
     # Host names the service answers to besides the loopback ones (DNS-rebinding guard).
     allowed_hosts: tuple[str, ...] = ()
+    # RGB that transparent pixels are composited on: the gallery store's, so an uploaded
+    # copy of a gallery image decodes to the same pixels.
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
@@ -74,6 +78,7 @@ class Settings:
             raise ValueError(f"top_k={self.top_k} is above max_top_k={self.max_top_k}")
         if not self.max_upload_mb > 0:
             raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
+        object.__setattr__(self, "background", check_background(self.background, "background"))
 
     @property
     def max_upload_bytes(self) -> int:
@@ -209,6 +214,7 @@ class Health(BaseModel):
     max_files: int
     max_pixels: int
     max_request_pixels: int
+    background: tuple[int, int, int]
 
 
 def image_url(posting_id: str) -> str:
@@ -266,7 +272,9 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
         pixels, names, formats = [], [], []
         for what, data in uploads:
             try:
-                image, fmt = decode_upload(data, what, embedder.image_size, settings.max_pixels)
+                image, fmt = decode_upload(
+                    data, what, embedder.image_size, settings.max_pixels, settings.background
+                )
             except ImageRejected as exc:
                 raise HTTPException(exc.status, str(exc)) from None
             pixels.append(image)

@@ -2,7 +2,8 @@
 
 Checks happen in the cheapest order: an empty upload, then the header only (format among
 `FORMATS`, pixel count under `max_pixels`, before a single pixel is decoded, so a tiny file
-that claims 100000 x 100000 pixels costs nothing), then the full decode. Decoding itself is
+that claims 100000 x 100000 pixels costs nothing), then the decode (a large JPEG at a reduced
+DCT scale, never below the model's input size). Decoding itself is
 `shared.data.sources.decode_image`, the function that built the gallery's image store, so an
 uploaded copy of a gallery image gets exactly that image's pixels. PIL's
 `LOAD_TRUNCATED_IMAGES` stays False: a truncated file is an error, never half an image.
@@ -15,7 +16,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from shared.data.sources import decode_image
+from shared.data.sources import DEFAULT_BACKGROUND, decode_image
 
 # Raster formats a listing photo comes in. Everything else PIL could open (EPS through
 # Ghostscript, PDF, ICO, ...) is refused before a decoder runs.
@@ -76,12 +77,18 @@ def read_header(data: bytes, what: str, max_pixels: int) -> tuple[str, int]:
     return fmt, width * height
 
 
-def decode_upload(data: bytes, what: str, size: int, max_pixels: int) -> tuple[np.ndarray, str]:
-    """Checked and fully decoded upload, resized and centre-cropped: (uint8 [3, size, size],
-    PIL format name)."""
+def decode_upload(
+    data: bytes,
+    what: str,
+    size: int,
+    max_pixels: int,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+) -> tuple[np.ndarray, str]:
+    """Checked and decoded upload, upright, transparency on `background`, resized and
+    centre-cropped: (uint8 [3, size, size], PIL format name)."""
     fmt = check_header(data, what, max_pixels)
     try:
-        pixels = decode_image(io.BytesIO(data), size, formats=FORMATS)
+        pixels = decode_image(io.BytesIO(data), size, formats=FORMATS, background=background)
     except Exception as exc:  # truncated or corrupt data (PIL raises several types)
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageRejected(

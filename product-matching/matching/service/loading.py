@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from matching.infer import run_threshold
+from matching.infer import run_background, run_threshold
 from matching.service.app import Settings
 from matching.service.embedder import Embedder, OnnxEmbedder, TorchEmbedder, file_key
 from matching.service.gallery import Gallery, Posting
@@ -47,8 +47,28 @@ def newest_run(runs_root: str | Path) -> Path:
     return max(runs, key=lambda p: p.name)
 
 
-def gallery_postings(cfg: DictConfig, run, image_size: int, store_root: Path):
-    """(uint8 images [N, 3, S, S], postings): the CSV `gallery`, or the run's own postings."""
+def service_background(cfg: DictConfig, run) -> tuple[int, int, int]:
+    """`background`, or the run's `data.background` when null. A value that differs from the
+    run's is refused when the gallery is the run's own postings: their store was decoded on
+    the run's, and an uploaded copy of a gallery image must get the store's pixels."""
+    from shared.data.sources import DEFAULT_BACKGROUND, check_background
+
+    own = run_background(run.config) if run is not None else DEFAULT_BACKGROUND
+    if cfg.background is None:
+        return own
+    value = check_background(cfg.background, "background")
+    if run is not None and not cfg.gallery and value != own:
+        raise ValueError(
+            f"background={list(value)} differs from data.background={list(own)} of the run "
+            f"{run.run_dir}, whose postings are the gallery: leave background=null, or give "
+            "gallery=<postings CSV>"
+        )
+    return value
+
+
+def gallery_postings(cfg: DictConfig, run, image_size: int, store_root: Path, background):
+    """(uint8 images [N, 3, S, S], postings): the CSV `gallery` (transparency composited on
+    `background`), or the run's own postings."""
     from shared.data.sources import CsvSource
     from shared.data.store import build_store
 
@@ -58,6 +78,7 @@ def gallery_postings(cfg: DictConfig, run, image_size: int, store_root: Path):
             cfg.gallery_image_dir,
             label_col=None,
             id_col="posting_id",
+            background=background,
         )
         store = build_store(source, store_root, image_size, name="gallery")
     elif run is not None:
@@ -141,13 +162,16 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
             evaluation.blend_k,
         )
 
+    background = service_background(cfg, run)
     data_dir = Path(cfg.data_dir)
     index_path = Path(cfg.index_path) if cfg.index_path else None
     if index_path is not None and index_path.is_file():
         gallery = Gallery.load(index_path, embedder.key)
         log.info("Loaded gallery %s (%d postings)", index_path, len(gallery))
     else:
-        images, postings = gallery_postings(cfg, run, embedder.image_size, data_dir / "stores")
+        images, postings = gallery_postings(
+            cfg, run, embedder.image_size, data_dir / "stores", background
+        )
         log.info("Embedding %d gallery postings", len(postings))
         embeddings = embedder.embed_all(images)
         gallery = Gallery(embeddings.shape[1], embedder.key, index_path)
@@ -164,5 +188,6 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
         max_request_pixels=int(cfg.max_request_pixels),
         data_dir=data_dir,
         allowed_hosts=(*cfg.allowed_hosts, *([] if cfg.host in ("0.0.0.0", "::") else [cfg.host])),
+        background=background,
     )
     return Service(embedder, gallery, settings)
