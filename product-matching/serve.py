@@ -9,7 +9,8 @@ export, embeds the gallery (default: the run's own postings) into a FAISS index 
     GET  /gallery/{id}/image, GET /health, GET /docs (OpenAPI: /openapi.json)
 
 on http://127.0.0.1:8000. Config: conf/serve.yaml (run_dir, onnx, gallery, threshold,
-top_k, max_upload_mb, max_pixels, data_dir, index_path, host, port, ...).
+top_k, max_upload_mb, max_pixels, data_dir, gallery_db, host, port, ...). Postings added
+with POST /gallery are kept in gallery_db (default data_dir/gallery.sqlite) across restarts.
 """
 
 import logging
@@ -43,7 +44,10 @@ def main(cfg: DictConfig) -> None:
         cfg.host,
         cfg.port,
     )
-    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level)
+    try:
+        uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level)
+    finally:
+        service.gallery.close()  # folds SQLite's write-ahead log back into gallery_db
 
 
 if __name__ == "__main__":
