@@ -30,6 +30,7 @@ from shared.retrieval.search import as_float32_matrix, l2_normalize
 from shared.retrieval.threshold import MAX_NEIGHBOURS
 
 SCHEMA_VERSION = 1
+WAL_LIMIT = 4 << 20  # bytes of write-ahead log kept between checkpoints (about 1000 pages)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class GalleryStore:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             self._db.executescript(SCHEMA)
         except BaseException:
             self.close()
@@ -164,6 +166,7 @@ class GalleryStore:
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
 
         self._transaction(work)
+        self._shrink_wal()  # the whole gallery went through the log: fold it back
 
     def set_embeddings(self, x: np.ndarray, meta: dict[str, str]) -> None:
         """Replace every embedding (row order) and set `meta`: re-embedding with new weights."""
@@ -177,6 +180,7 @@ class GalleryStore:
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
 
         self._transaction(work)
+        self._shrink_wal()
 
     @staticmethod
     def _insert(db, x, postings, seed: bool) -> None:
@@ -216,7 +220,9 @@ class GalleryStore:
             raise
 
     def _shrink_wal(self) -> None:
-        """Give back the space a failed transaction's log frames took (best effort)."""
+        """Fold the write-ahead log into the database and truncate it (best effort: on a
+        full disk the database cannot grow, and the log keeps at most the failed
+        transaction's frames, which the next transaction overwrites)."""
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
