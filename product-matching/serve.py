@@ -13,6 +13,7 @@ top_k, max_upload_mb, max_pixels, data_dir, gallery_db, host, port, ...). Postin
 with POST /gallery are kept in gallery_db (default data_dir/gallery.sqlite) across restarts.
 """
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -44,10 +45,23 @@ def main(cfg: DictConfig) -> None:
         cfg.host,
         cfg.port,
     )
-    try:
-        uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level)
-    finally:
-        service.gallery.close()  # folds SQLite's write-ahead log back into gallery_db
+    close_on_shutdown(app, service.gallery)
+    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level)
+
+
+def close_on_shutdown(app, gallery) -> None:
+    """Close the gallery's database when the server shuts down (Ctrl-C, SIGTERM), which
+    folds its write-ahead log back into gallery_db. At shutdown, not after `uvicorn.run`:
+    uvicorn re-raises the signal that stopped it, so code after it would never run."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            yield state
+        gallery.close()
+
+    app.router.lifespan_context = lifespan
 
 
 if __name__ == "__main__":
