@@ -9,9 +9,11 @@ export, embeds the gallery (default: the run's own postings) into a FAISS index 
     GET  /gallery/{id}/image, GET /health, GET /docs (OpenAPI: /openapi.json)
 
 on http://127.0.0.1:8000. Config: conf/serve.yaml (run_dir, onnx, gallery, threshold,
-top_k, max_upload_mb, max_pixels, data_dir, index_path, host, port, ...).
+top_k, max_upload_mb, max_pixels, data_dir, gallery_db, host, port, ...). Postings added
+with POST /gallery are kept in gallery_db (default data_dir/gallery.sqlite) across restarts.
 """
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -43,7 +45,23 @@ def main(cfg: DictConfig) -> None:
         cfg.host,
         cfg.port,
     )
+    close_on_shutdown(app, service.gallery)
     uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level)
+
+
+def close_on_shutdown(app, gallery) -> None:
+    """Close the gallery's database when the server shuts down (Ctrl-C, SIGTERM), which
+    folds its write-ahead log back into gallery_db. At shutdown, not after `uvicorn.run`:
+    uvicorn re-raises the signal that stopped it, so code after it would never run."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            yield state
+        gallery.close()
+
+    app.router.lifespan_context = lifespan
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The gallery against brute-force numpy: search, the match rule, saving, concurrent use."""
+"""The gallery against brute-force numpy: search, the match rule, its store, concurrent use."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import threading
 import numpy as np
 import pytest
 
-from matching.service.gallery import DuplicatePostingError, Gallery, Posting, select_matches
+from matching.service.gallery import (
+    DuplicatePostingError,
+    Gallery,
+    GalleryStore,
+    Posting,
+    select_matches,
+)
 from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import matches_from_threshold
 
@@ -86,24 +92,52 @@ def test_add_is_all_or_nothing_and_ids_stay_unique():
     assert gallery.add(unit(rng, 2), postings(20, 2)) == 12 and "p21" in gallery
 
 
-def test_save_and_load_round_trip(tmp_path):
-    gallery, x, rng = filled(30)
-    path = gallery.save(tmp_path / "g.npz")
-    back = Gallery.load(path, "key")
-    assert back.postings() == gallery.postings()
-    np.testing.assert_array_equal(back.embeddings(), gallery.embeddings())
-    np.testing.assert_allclose(back.embeddings(), x, atol=1e-6)
-    with pytest.raises(ValueError, match="another model"):
-        Gallery.load(path, "other weights")
-
-
-def test_index_path_is_rewritten_after_every_add(tmp_path):
+def test_store_gives_back_every_committed_posting_in_order(tmp_path):
+    """Additions committed to a GalleryStore come back, in order, after the store is closed
+    and opened again; failed additions leave no row."""
     rng = np.random.default_rng(4)
-    gallery = Gallery(16, "key", tmp_path / "idx" / "g.npz")
-    gallery.add(unit(rng, 5), postings(0, 5))
-    gallery.add(unit(rng, 2), postings(5, 2))
-    assert len(Gallery.load(tmp_path / "idx" / "g.npz", "key")) == 7
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["g.npz"]  # no temp files
+    x = unit(rng, 9)
+    gallery = Gallery(16, "key", GalleryStore(tmp_path / "g.sqlite"))
+    gallery.add(x[:5] * 2.0, postings(0, 5))  # stored normalised, like the index
+    with pytest.raises(DuplicatePostingError):
+        gallery.add(unit(rng, 2), postings(4, 2))
+    gallery.add(x[5:], postings(5, 4))
+    gallery.close()
+    back = Gallery.from_store(GalleryStore(tmp_path / "g.sqlite"), 16, "key")
+    assert back.postings() == postings(0, 9)
+    np.testing.assert_allclose(back.embeddings(), x, atol=1e-6)
+    assert back.search(x[7:8], k=1)[0][0].posting.posting_id == "p7"
+    back.close()
+
+
+def test_store_refuses_a_second_process_and_ids_stay_unique(tmp_path):
+    store = GalleryStore(tmp_path / "g.sqlite")
+    with pytest.raises(RuntimeError, match="in use by another service process"):
+        GalleryStore(tmp_path / "g.sqlite")
+    rng = np.random.default_rng(5)
+    store.append(unit(rng, 2), postings(0, 2))
+    with pytest.raises(DuplicatePostingError):  # the table's own check, not only the gallery's
+        store.append(unit(rng, 2), postings(1, 2))
+    assert store.count() == 2
+    store.close()
+    GalleryStore(tmp_path / "g.sqlite").close()  # closed: free again
+
+
+def test_failure_after_the_commit_takes_the_rows_back(tmp_path, monkeypatch):
+    """An addition that cannot reach the index after its commit is removed from the store:
+    never durable without being searchable."""
+    rng = np.random.default_rng(6)
+    gallery = Gallery(16, "key", GalleryStore(tmp_path / "g.sqlite"))
+    gallery.add(unit(rng, 3), postings(0, 3))
+
+    def broken(*args):
+        raise MemoryError("index full")
+
+    monkeypatch.setattr(gallery, "_append_in_memory", broken)
+    with pytest.raises(MemoryError):
+        gallery.add(unit(rng, 2), postings(3, 2))
+    assert gallery.store.count() == 3 and len(gallery) == 3
+    gallery.close()
 
 
 def test_concurrent_adds_and_searches_stay_consistent():

@@ -1,9 +1,11 @@
-"""conf/serve.yaml -> service: the default run, a CSV gallery, a saved index, ONNX, the CLI."""
+"""conf/serve.yaml -> service: the default run, a CSV gallery, the stored gallery, ONNX, the CLI."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -53,37 +55,127 @@ def test_no_run_says_how_to_train_one(tmp_path):
     assert str(tmp_path / "logs") in message
 
 
-def test_csv_gallery_and_saved_index(matching_run, loaded, tmp_path):
-    overrides = [
-        f"run_dir={matching_run.run_dir}",
-        *csv_gallery(matching_run),
-        "index_path=${data_dir}/g.npz",
-    ]
-    service = load_service(serve_config(tmp_path, *overrides))
-    assert len(service.gallery) == len(loaded.gallery)
-    data_dir = tmp_path / "data" / "serve"
-    assert (data_dir / "g.npz").is_file() and (data_dir / "stores").is_dir()
+def add(service, *uploads, **data):
+    """POST /gallery through the app of `service`: the response."""
     with TestClient(build_app(service.embedder, service.gallery, service.settings)) as c:
-        r = c.post("/gallery", files=[("files", ("a.png", random_png(3), "image/png"))])
-        assert r.status_code == 201
-    again = load_service(serve_config(tmp_path, *overrides))  # the saved index, with the add
-    assert len(again.gallery) == len(loaded.gallery) + 1
-    assert again.gallery.get(r.json()["added"][0]) is not None
-    # Everything the service wrote is under data_dir.
-    written = {p for p in tmp_path.rglob("*") if p.is_file()}
-    assert written and all(data_dir in p.parents for p in written)
-
-
-def test_saved_index_of_other_weights_is_refused(matching_run, loaded, tmp_path):
-    path = tmp_path / "g.npz"
-    loaded.gallery.save(path)
-    other = loaded.gallery.load(path, loaded.gallery.model_key)
-    other.model_key = "some other checkpoint"
-    other.save(path)
-    with pytest.raises(ValueError, match="another model"):
-        load_service(
-            serve_config(tmp_path, f"run_dir={matching_run.run_dir}", f"index_path={path}")
+        return c.post(
+            "/gallery",
+            files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(uploads)],
+            data=data,
         )
+
+
+def test_restart_shows_exactly_the_acknowledged_postings(matching_run, loaded, tmp_path):
+    """Additions that got a 201 are there after a restart, with their embeddings and image
+    files; refused ones are not, and leave no file behind. The CSV is embedded only once."""
+    config = serve_config(tmp_path, f"run_dir={matching_run.run_dir}", *csv_gallery(matching_run))
+    service = load_service(config)
+    assert len(service.gallery) == len(loaded.gallery)
+    acked = [add(service, random_png(1), random_png(2), posting_id=["a1", "a2"])]
+    acked.append(add(service, random_png(3)))  # a generated id
+    assert [r.status_code for r in acked] == [201, 201]
+    refused = [
+        add(service, random_png(4), posting_id="a1"),  # taken: 409
+        add(service, random_png(5), b"not an image", posting_id=["b1", "b2"]),  # 400
+    ]
+    assert [r.status_code for r in refused] == [409, 400]
+    before = dict(
+        zip((p.posting_id for p in service.gallery.postings()), service.gallery.embeddings())
+    )
+    service.gallery.close()
+
+    again = load_service(config)
+    ids = [pid for r in acked for pid in r.json()["added"]]
+    seed = [p.posting_id for p in loaded.gallery.postings()]
+    assert [p.posting_id for p in again.gallery.postings()] == seed + ids
+    np.testing.assert_array_equal(again.gallery.embeddings(), np.stack(list(before.values())))
+    images = sorted((tmp_path / "data" / "serve" / "gallery_images").iterdir())
+    assert sorted(Path(again.gallery.get(pid).image) for pid in ids) == images
+    assert Path(again.gallery.get("a2").image).read_bytes() == random_png(2)
+    again.gallery.close()
+
+
+def test_the_gallery_csv_is_embedded_once_and_again_when_it_changes(matching_run, tmp_path, caplog):
+    csv = synthetic_csv(matching_run)
+    config = serve_config(tmp_path, f"run_dir={matching_run.run_dir}", *csv_gallery(matching_run))
+    service = load_service(config)
+    assert add(service, random_png(6), posting_id="kept").status_code == 201
+    service.gallery.close()
+    caplog.set_level("INFO")
+    caplog.clear()
+    service = load_service(config)
+    assert not [r for r in caplog.records if r.getMessage().startswith("Embedding")]
+    service.gallery.close()
+
+    shorter = tmp_path / "postings.csv"  # the CSV loses its first 5 rows
+    lines = csv.read_text().splitlines(keepends=True)
+    shorter.write_text("".join(lines[:1] + lines[6:]))
+    config.gallery = str(shorter)
+    caplog.clear()
+    service = load_service(config)
+    assert [r for r in caplog.records if r.getMessage().startswith("Embedding")]
+    ids = [p.posting_id for p in service.gallery.postings()]
+    assert len(ids) == len(lines) - 6 + 1 and "kept" in ids
+    service.gallery.close()
+
+
+def test_gallery_of_other_weights_is_refused_or_reembedded(matching_run, loaded, tmp_path):
+    """The gallery is tied to the weights' content: a `touch` or a copy of the checkpoint
+    changes nothing; other weights are refused with what to do, and `reembed=true` embeds
+    every posting again from its image file."""
+    config = serve_config(tmp_path, f"run_dir={matching_run.run_dir}")
+    service = load_service(config)
+    assert add(service, random_png(7), posting_id="mine").status_code == 201
+    expected = service.gallery.embeddings()
+    service.gallery.close()
+    checkpoint = load_run(matching_run.run_dir).checkpoint
+    os.utime(checkpoint)
+    copy = tmp_path / "copied_run"
+    shutil.copytree(matching_run.run_dir, copy)
+    again = load_service(serve_config(tmp_path, f"run_dir={copy}"))  # same weights, new file
+    assert len(again.gallery) == len(expected)
+    again.gallery.close()
+
+    db = tmp_path / "data" / "serve" / "gallery.sqlite"
+    with sqlite3.connect(db) as con:  # as if another model had built it
+        con.execute("UPDATE meta SET value = 'sha256:other' WHERE key = 'model_key'")
+        con.execute("UPDATE postings SET embedding = zeroblob(length(embedding))")
+    with pytest.raises(ValueError) as info:
+        load_service(config)
+    message = str(info.value)
+    assert str(db) in message and "1 posting(s) added" in message and "reembed=true" in message
+    with sqlite3.connect(db) as con:  # refused: untouched
+        assert (
+            con.execute("SELECT value FROM meta WHERE key='model_key'").fetchone()[0]
+            == "sha256:other"
+        )
+
+    config.reembed = True
+    fixed = load_service(config)
+    np.testing.assert_allclose(fixed.gallery.embeddings(), expected, atol=1e-5)
+    fixed.gallery.close()
+
+
+def test_orphan_images_are_removed_at_start_up(matching_run, tmp_path):
+    """Image files no posting refers to (a crash between writing them and the commit) are
+    deleted when the service starts; those of postings stay."""
+    config = serve_config(tmp_path, f"run_dir={matching_run.run_dir}")
+    service = load_service(config)
+    assert add(service, random_png(8), posting_id="p-ok").status_code == 201
+    service.gallery.close()
+    images = tmp_path / "data" / "serve" / "gallery_images"
+    (images / "0123456789abcdef0123456789abcdef.png").write_bytes(random_png(9))
+    service = load_service(config)
+    assert list(images.iterdir()) == [Path(service.gallery.get("p-ok").image)]
+    service.gallery.close()
+
+
+def test_gallery_db_null_keeps_nothing(matching_run, loaded, tmp_path):
+    service = load_service(
+        serve_config(tmp_path, f"run_dir={matching_run.run_dir}", "gallery_db=null")
+    )
+    assert service.gallery.store is None and len(service.gallery) == len(loaded.gallery)
+    assert not list(tmp_path.rglob("*.sqlite"))
 
 
 def mean_colour_onnx(path: Path, size: int) -> Path:
@@ -200,7 +292,9 @@ def test_the_command_line_serves(matching_run, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert list(cwd.iterdir()) == []  # no logs, no .hydra, no outputs
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # data_dir: only folders
+    files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    db = "data/serve/gallery.sqlite"
+    assert files == {db, f"{db}.lock"}  # closed on exit: no write-ahead log left
 
 
 def test_background_is_the_runs_unless_set_and_a_conflict_is_refused(loaded):

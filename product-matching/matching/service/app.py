@@ -15,7 +15,9 @@ WebP, GIF, BMP, TIFF), truncated or corrupt files. Added images are written only
 they refer to `settings` of the enclosing `build_app`.)
 """
 
+import errno
 import math
+import os
 import re
 import uuid
 from dataclasses import asdict, dataclass
@@ -232,6 +234,28 @@ def posting_out(hit: Hit) -> PostingOut:
     )
 
 
+def write_image(folder: Path, data: bytes, ext: str, written: list[Path]) -> Path:
+    """Write an added image under a new random name, flushed to disk (an acknowledged
+    posting must keep its image through a power cut); `written` gets the path first, so
+    a failed write is cleaned up too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}{ext}"
+    with open(path, "xb") as fh:
+        written.append(path)
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastAPI:
     """The service around an embedder and a gallery of the same embedding size."""
     app = FastAPI(
@@ -376,25 +400,28 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
         images, _, formats = decode_all(files)
         embeddings = embedder.embed(images)
 
-        images_dir.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         try:
             postings = []
             for i, (upload, fmt) in enumerate(zip(files, formats)):
-                # Not referenced by the gallery until `add` succeeds, so a plain write is safe.
-                path = images_dir / f"{uuid.uuid4().hex}{EXTENSIONS[fmt]}"
                 upload.file.seek(0)
-                with open(path, "xb") as fh:
-                    written.append(path)
-                    fh.write(upload.file.read())
+                path = write_image(images_dir, upload.file.read(), EXTENSIONS[fmt], written)
                 label = label_group[i] if label_group else None
                 postings.append(Posting(ids[i], label, title[i] if title else None, str(path)))
-            size = gallery.add(embeddings, postings)
+            if written:
+                fsync_dir(images_dir)  # the files' names are durable before the commit
+            size = gallery.add(embeddings, postings)  # durable, then searchable
         except BaseException as exc:
-            for path in written:
+            for path in written:  # nothing was added: no orphan files either
                 path.unlink(missing_ok=True)
             if isinstance(exc, DuplicatePostingError):  # another request added the id meanwhile
                 raise HTTPException(409, str(exc)) from None
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise HTTPException(
+                    507,
+                    f"not added, the disk is full ({exc.strerror}): free space under "
+                    f"data_dir, then send the postings again",
+                ) from None
             raise
         return AddResponse(added=ids, gallery_size=size)
 

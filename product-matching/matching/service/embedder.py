@@ -9,6 +9,7 @@ Runtime sessions are thread-safe).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ class Embedder:
 
     image_size: int
     name: str  # what /health reports
-    key: str  # identifies the weights: a saved index is only reused with the same key
+    key: str  # a content hash of the weights: a stored gallery is only used with the same key
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -37,16 +38,33 @@ class Embedder:
 
 
 def file_key(path: str | Path) -> str:
-    """A file's identity for cache keys: resolved path, size and nanosecond mtime."""
-    path = Path(path).resolve()
-    st = path.stat()
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    """The sha256 of a file's bytes (an ONNX export holds its weights): unchanged by a copy,
+    a move or a `touch`, changed by any new weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def weights_key(module: torch.nn.Module, image_size: int) -> str:
+    """The sha256 of a module's state (names, dtypes, shapes, bytes) and its input size: the
+    same for the same weights whichever checkpoint file they were loaded from."""
+    digest = hashlib.sha256(f"image_size={int(image_size)}".encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 class TorchEmbedder(Embedder):
-    def __init__(self, module: torch.nn.Module, image_size: int, name: str, key: str) -> None:
+    def __init__(
+        self, module: torch.nn.Module, image_size: int, name: str, key: str | None = None
+    ) -> None:
         self.module = module.eval()
-        self.image_size, self.name, self.key = int(image_size), name, key
+        self.image_size, self.name = int(image_size), name
+        self.key = key or weights_key(self.module, self.image_size)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -1,19 +1,26 @@
-"""The searchable gallery: a FAISS inner-product index plus each row's posting, one lock.
+"""The searchable gallery: a FAISS inner-product index plus each row's posting, kept durable.
 
 Rows are only ever appended, so row i names the same posting for the life of the gallery.
-`add` and `search` take the same lock: a search sees the index either before or after an
-add, never half of one (FAISS does not allow adding to an index while it is searched). An
-exact search over a product gallery takes microseconds to milliseconds, far less than
-decoding and embedding the query, so one lock costs the service no measurable throughput
-(see bench/serve_load.py).
+Searches and the in-memory part of an addition take the same lock: a search sees the index
+either before or after an addition, never half of one (FAISS does not allow adding to an
+index while it is searched). An exact search over a product gallery takes microseconds to
+milliseconds, far less than decoding and embedding the query (see bench/serve_load.py).
+
+With a `GalleryStore` (the service's default), every addition is first committed to SQLite,
+postings and vectors in one transaction, and only then added to the index: a posting is
+durable before anyone can see it, and an addition that fails leaves nothing behind. The
+database is appended to, never rewritten, so an addition costs the same at any gallery size
+(bench/gallery_add.py); the index is rebuilt from it at start-up.
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import fcntl
 import os
+import sqlite3
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -22,7 +29,8 @@ import numpy as np
 from shared.retrieval.search import as_float32_matrix, l2_normalize
 from shared.retrieval.threshold import MAX_NEIGHBOURS
 
-SAVE_VERSION = 1
+SCHEMA_VERSION = 1
+WAL_LIMIT = 4 << 20  # bytes of write-ahead log kept between checkpoints (about 1000 pages)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,13 @@ class DuplicatePostingError(ValueError):
     pass
 
 
+class StorageFull(OSError):
+    """The disk holding the gallery is full: the addition was rolled back, nothing kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
 def select_matches(
     sims: np.ndarray, threshold: float, min2: float | None, max_neighbours: int = MAX_NEIGHBOURS
 ) -> np.ndarray:
@@ -60,20 +75,187 @@ def select_matches(
     return chosen
 
 
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS postings (
+    row INTEGER PRIMARY KEY,        -- the order of the FAISS rows
+    posting_id TEXT NOT NULL UNIQUE,
+    label_group TEXT,
+    title TEXT,
+    image TEXT NOT NULL,
+    seed INTEGER NOT NULL,          -- 1: from the configured gallery, 0: added by POST /gallery
+    embedding BLOB NOT NULL         -- float32 [dim], L2-normalised
+);
+"""
+
+
+class GalleryStore:
+    """Postings and their embeddings in one SQLite file (WAL, synchronous=FULL): one
+    transaction per addition, durable when `append` returns. One process at a time: a
+    second one is refused (an advisory lock on `<path>.lock`), as it would not see the
+    first one's additions."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(
+                f"gallery_db={str(self.path)!r} is in use by another service process: stop "
+                "it first, or give this one its own gallery_db"
+            ) from None
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+            self._db.executescript(SCHEMA)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if getattr(self, "_db", None) is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta"))
+
+    def count(self, seed: bool | None = None) -> int:
+        where, args = ("", ()) if seed is None else (" WHERE seed = ?", (int(seed),))
+        return self._db.execute(f"SELECT COUNT(*) FROM postings{where}", args).fetchone()[0]
+
+    def rows(self, dim: int) -> tuple[list[Posting], np.ndarray]:
+        """Every posting, in row order, and its embedding [N, dim]."""
+        postings, blobs = [], []
+        query = "SELECT posting_id, label_group, title, image, embedding FROM postings ORDER BY row"
+        for pid, label, title, image, blob in self._db.execute(query):
+            postings.append(Posting(pid, label, title, image))
+            blobs.append(blob)
+        x = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(postings), dim)
+        return postings, x
+
+    def images(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT image FROM postings")}
+
+    def append(self, x: np.ndarray, postings: list[Posting], seed: bool = False) -> None:
+        """Insert the rows in one committed transaction; nothing on failure."""
+        self._transaction(lambda db: self._insert(db, x, postings, seed))
+
+    def remove(self, ids: list[str]) -> None:
+        self._transaction(
+            lambda db: db.executemany(
+                "DELETE FROM postings WHERE posting_id = ?", [(i,) for i in ids]
+            )
+        )
+
+    def reseed(self, x: np.ndarray, postings: list[Posting], meta: dict[str, str]) -> None:
+        """Replace the seed postings (those of the configured gallery) and set `meta`, in one
+        transaction; the added postings stay."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM postings WHERE seed = 1")
+            self._insert(db, x, postings, True)
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
+
+        self._transaction(work)
+        self._shrink_wal()  # the whole gallery went through the log: fold it back
+
+    def set_embeddings(self, x: np.ndarray, meta: dict[str, str]) -> None:
+        """Replace every embedding (row order) and set `meta`: re-embedding with new weights."""
+
+        def work(db: sqlite3.Connection) -> None:
+            rows = [r[0] for r in db.execute("SELECT row FROM postings ORDER BY row")]
+            db.executemany(
+                "UPDATE postings SET embedding = ? WHERE row = ?",
+                [(v.tobytes(), r) for v, r in zip(np.ascontiguousarray(x, np.float32), rows)],
+            )
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
+
+        self._transaction(work)
+        self._shrink_wal()
+
+    @staticmethod
+    def _insert(db, x, postings, seed: bool) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows = [
+            (
+                None,
+                p.posting_id,
+                p.label_group,
+                p.title,
+                p.image,
+                int(seed),
+                x[i].tobytes(),
+            )
+            for i, p in enumerate(postings)
+        ]
+        db.executemany("INSERT INTO postings VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _transaction(self, work) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            work(db)
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise DuplicatePostingError(f"posting_id already in the gallery: {exc}") from None
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+                isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+            ):
+                self._shrink_wal()
+                raise StorageFull(
+                    f"the disk holding gallery_db={str(self.path)!r} is full"
+                ) from exc
+            raise
+
+    def _shrink_wal(self) -> None:
+        """Fold the write-ahead log into the database and truncate it (best effort: on a
+        full disk the database cannot grow, and the log keeps at most the failed
+        transaction's frames, which the next transaction overwrites)."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+
+
 class Gallery:
     """Postings and their L2-normalised embeddings, searchable by cosine similarity.
 
-    `model_key` names the weights that produced the embeddings; a gallery saved to
-    `index_path` (rewritten after every add) is only loaded back with the same key.
+    `model_key` names the weights that produced the embeddings. With a `store`, additions
+    are committed to it before they become searchable (see the module docstring).
     """
 
-    def __init__(self, dim: int, model_key: str, index_path: str | Path | None = None) -> None:
+    def __init__(self, dim: int, model_key: str, store: GalleryStore | None = None) -> None:
         self._index = faiss.IndexFlatIP(int(dim))
         self._postings: list[Posting] = []
         self._rows: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the index and postings in memory
+        self._write_lock = threading.Lock()  # additions, one at a time, commit included
         self.model_key = model_key
-        self.index_path = Path(index_path) if index_path else None
+        self.store = store
+
+    @classmethod
+    def from_store(cls, store: GalleryStore, dim: int, model_key: str) -> Gallery:
+        """The gallery held by `store` (its rows in order), appending to it from now on."""
+        gallery = cls(dim, model_key, store)
+        postings, x = store.rows(dim)
+        gallery._append_in_memory(x, postings)
+        return gallery
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     @property
     def dim(self) -> int:
@@ -85,8 +267,8 @@ class Gallery:
 
     @property
     def size_now(self) -> int:
-        """The number of postings without waiting for the lock that a long addition or search
-        holds (a list's length is read atomically): for health checks on a busy service."""
+        """The number of postings without waiting for the lock that a long search holds (a
+        list's length is read atomically): for health checks on a busy service."""
         return len(self._postings)
 
     def get(self, posting_id: str) -> Posting | None:
@@ -98,8 +280,9 @@ class Gallery:
         return self.get(posting_id) is not None
 
     def add(self, embeddings, postings: list[Posting]) -> int:
-        """Append postings (all or none); returns the new size. DuplicatePostingError when
-        a posting_id is already in the gallery or given twice."""
+        """Append postings (all or none), durably first when there is a store; returns the
+        new size. DuplicatePostingError when a posting_id is already in the gallery or given
+        twice; StorageFull when the disk is full."""
         x = l2_normalize(as_float32_matrix(embeddings, "embeddings"))
         if x.shape != (len(postings), self.dim):
             raise ValueError(
@@ -110,16 +293,25 @@ class Gallery:
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
             raise DuplicatePostingError(f"posting_id given more than once: {twice[:5]}")
-        with self._lock:
+        with self._write_lock:  # searches go on while an addition commits
             taken = [i for i in ids if i in self._rows]
             if taken:
                 raise DuplicatePostingError(f"posting_id already in the gallery: {taken[:5]}")
+            if self.store is not None:
+                self.store.append(x, postings)
+            try:
+                return self._append_in_memory(x, postings)
+            except BaseException:
+                if self.store is not None:  # committed but not searchable: take it back
+                    self.store.remove(ids)
+                raise
+
+    def _append_in_memory(self, x: np.ndarray, postings: list[Posting]) -> int:
+        with self._lock:
             start = len(self._postings)
             self._index.add(x)
             self._postings.extend(postings)
-            self._rows.update((pid, start + i) for i, pid in enumerate(ids))
-            if self.index_path is not None:
-                self._save_locked(self.index_path)
+            self._rows.update((p.posting_id, start + i) for i, p in enumerate(postings))
             return len(self._postings)
 
     def search(self, queries, k: int) -> list[list[Hit]]:
@@ -146,49 +338,3 @@ class Gallery:
     def postings(self) -> list[Posting]:
         with self._lock:
             return list(self._postings)
-
-    # Persistence: one .npz (the serialised FAISS index + the postings as JSON), written to
-    # a temporary file in the same folder and renamed into place.
-
-    def save(self, path: str | Path) -> Path:
-        with self._lock:
-            return self._save_locked(Path(path))
-
-    def _save_locked(self, path: Path) -> Path:
-        meta = {
-            "version": SAVE_VERSION,
-            "model_key": self.model_key,
-            "dim": self.dim,
-            "postings": [asdict(p) for p in self._postings],
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, index=faiss.serialize_index(self._index), meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, model_key: str) -> Gallery:
-        """A gallery saved by `save`; ValueError when it was built with other weights."""
-        path = Path(path)
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            index = faiss.deserialize_index(data["index"])
-        if meta.get("version") != SAVE_VERSION or meta.get("model_key") != model_key:
-            raise ValueError(
-                f"index_path={str(path)!r} holds embeddings of another model or version "
-                f"({meta.get('model_key')!r}, version {meta.get('version')}), not of "
-                f"{model_key!r}: delete it or choose another index_path"
-            )
-        postings = [Posting(**p) for p in meta["postings"]]
-        if index.ntotal != len(postings):
-            raise ValueError(
-                f"index_path={str(path)!r} is inconsistent: {index.ntotal} vectors for "
-                f"{len(postings)} postings"
-            )
-        gallery = cls(index.d, model_key, path)
-        gallery._index = index
-        gallery._postings = postings
-        gallery._rows = {p.posting_id: i for i, p in enumerate(postings)}
-        return gallery

@@ -3,22 +3,37 @@
 The model is a product-matching run (`run_dir`, default: the newest run under `runs_root`)
 or, with `onnx=...`, its ONNX export. The run also gives the defaults: the threshold its
 evaluation chose (stored in the checkpoint), its min2 rule, and the gallery (the postings it
-was trained on, e.g. the synthetic products). A saved gallery (`index_path`) built with the
-same weights is loaded instead of embedding the CSV again.
+was trained on, e.g. the synthetic products).
+
+The gallery lives in `gallery_db` (SQLite, see `matching.service.gallery`): the configured
+postings are embedded into it once, POST /gallery appends to it, and later starts read it
+back instead of embedding anything. It is tied to the weights by their content hash: a
+database of other weights is refused (or re-embedded from its images with `reembed=true`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from matching.infer import run_background, run_threshold
-from matching.service.app import Settings
-from matching.service.embedder import Embedder, OnnxEmbedder, TorchEmbedder, file_key
-from matching.service.gallery import Gallery, Posting
+from matching.service.app import IMAGES_SUBDIR, Settings
+from matching.service.embedder import Embedder, OnnxEmbedder, TorchEmbedder
+from matching.service.gallery import (
+    SCHEMA_VERSION,
+    DuplicatePostingError,
+    Gallery,
+    GalleryStore,
+    Posting,
+)
+from shared.data.sources import DEFAULT_BACKGROUND
+from shared.retrieval.search import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +82,8 @@ def service_background(cfg: DictConfig, run) -> tuple[int, int, int]:
 
 
 def gallery_postings(cfg: DictConfig, run, image_size: int, store_root: Path, background):
-    """(uint8 images [N, 3, S, S], postings): the CSV `gallery` (transparency composited on
-    `background`), or the run's own postings."""
+    """(uint8 images [N, 3, S, S], postings, a key that changes with them): the CSV
+    `gallery` (transparency composited on `background`), or the run's own postings."""
     from shared.data.sources import CsvSource
     from shared.data.store import build_store
 
@@ -101,7 +116,8 @@ def gallery_postings(cfg: DictConfig, run, image_size: int, store_root: Path, ba
                 pid, column("label_group", i), column("title", i), str(source.paths[i].resolve())
             )
         )
-    return store.images, postings
+    blob = json.dumps([store.meta["key"], [asdict(p) for p in postings]]).encode()
+    return store.images, postings, hashlib.sha256(blob).hexdigest()
 
 
 def load_service(cfg: DictConfig) -> Service:
@@ -134,7 +150,6 @@ def load_model(cfg: DictConfig) -> tuple[Embedder, object | None]:
             run.module,
             int(run.config.data.image_size),
             f"{type(run.module.net).__name__} {backbone} from {run.checkpoint}",
-            file_key(run.checkpoint),
         )
     return embedder, run
 
@@ -164,19 +179,7 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
 
     background = service_background(cfg, run)
     data_dir = Path(cfg.data_dir)
-    index_path = Path(cfg.index_path) if cfg.index_path else None
-    if index_path is not None and index_path.is_file():
-        gallery = Gallery.load(index_path, embedder.key)
-        log.info("Loaded gallery %s (%d postings)", index_path, len(gallery))
-    else:
-        images, postings = gallery_postings(
-            cfg, run, embedder.image_size, data_dir / "stores", background
-        )
-        log.info("Embedding %d gallery postings", len(postings))
-        embeddings = embedder.embed_all(images)
-        gallery = Gallery(embeddings.shape[1], embedder.key, index_path)
-        gallery.add(embeddings, postings)
-
+    gallery = open_gallery(cfg, embedder, run, data_dir, background)
     settings = Settings(
         threshold=float(threshold),
         min2=None if min2 is None else float(min2),
@@ -191,3 +194,108 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
         background=background,
     )
     return Service(embedder, gallery, settings)
+
+
+def open_gallery(
+    cfg: DictConfig, embedder: Embedder, run, data_dir: Path, background=DEFAULT_BACKGROUND
+) -> Gallery:
+    """The gallery of `gallery_db` (created and seeded on first use), orphan images of an
+    interrupted addition removed; with gallery_db=null, one in memory only. Its key is the
+    weights' and the background's: both decide what an image embeds to."""
+    key = f"{embedder.key}/background={'-'.join(map(str, background))}"
+    stores = data_dir / "stores"
+    if not cfg.gallery_db:
+        images, postings, _ = gallery_postings(cfg, run, embedder.image_size, stores, background)
+        log.info(
+            "Embedding %d gallery postings (gallery_db=null: additions are not kept)", len(postings)
+        )
+        embeddings = embedder.embed_all(images)
+        gallery = Gallery(embeddings.shape[1], key)
+        gallery.add(embeddings, postings)
+        return gallery
+    store = GalleryStore(cfg.gallery_db)
+    try:
+        meta = store.meta()
+        if meta and meta.get("schema") != str(SCHEMA_VERSION):
+            raise ValueError(
+                f"gallery_db={str(store.path)!r} has schema {meta.get('schema')!r}, this "
+                f"service reads {SCHEMA_VERSION}: serve it with the version that wrote it"
+            )
+        if meta and meta["model_key"] != key:
+            if not cfg.reembed:
+                raise ValueError(other_weights_message(store, meta, embedder, key))
+            reembed(store, embedder, int(meta["dim"]), key, background)
+        seed_images, seed, seed_key = gallery_postings(cfg, run, embedder.image_size, stores, background)
+        if store.meta().get("seed") != seed_key:
+            log.info("Embedding %d gallery postings into %s", len(seed), store.path)
+            x = l2_normalize(embedder.embed_all(seed_images))
+            meta = {"schema": str(SCHEMA_VERSION), "model_key": key}
+            meta |= {"dim": str(x.shape[1]), "seed": seed_key}
+            try:
+                store.reseed(x, seed, meta)
+            except DuplicatePostingError as exc:
+                raise ValueError(
+                    f"the gallery postings ({cfg.gallery or 'the run'}) reuse the posting_id "
+                    f"of a posting added to gallery_db={str(store.path)!r} ({exc}): rename "
+                    "them in the CSV, or use another gallery_db"
+                ) from None
+        gallery = Gallery.from_store(store, int(store.meta()["dim"]), key)
+    except BaseException:
+        store.close()
+        raise
+    log.info(
+        "Gallery %s: %d postings, %d of them added", store.path, len(gallery), store.count(False)
+    )
+    remove_orphans(store, data_dir / IMAGES_SUBDIR)
+    return gallery
+
+
+def other_weights_message(store: GalleryStore, meta: dict, embedder: Embedder, key: str) -> str:
+    added = store.count(seed=False)
+    return (
+        f"gallery_db={str(store.path)!r} holds embeddings of other weights "
+        f"or another background ({meta['model_key']}, not {key} of {embedder.name}), "
+        f"among them {added} posting(s) added through POST /gallery. Serve the model that "
+        "built it; or start once with reembed=true to re-embed every posting from its stored "
+        "image with this model (the file is updated in place); or set gallery_db to another "
+        "file (this one keeps its postings)."
+    )
+
+
+def reembed(
+    store: GalleryStore, embedder: Embedder, old_dim: int, key: str, background, batch: int = 256
+) -> None:
+    """Embed every stored posting again, from its image file, with `embedder`; one
+    transaction, so an interrupted re-embedding leaves the old embeddings in place."""
+    from shared.data.sources import decode_image
+
+    postings, _ = store.rows(old_dim)
+    missing = [p for p in postings if not Path(p.image).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"cannot re-embed gallery_db={str(store.path)!r}: {len(missing)} posting image(s) "
+            f"are missing, e.g. {missing[0].posting_id!r} -> {missing[0].image}"
+        )
+    log.info("Re-embedding the %d postings of %s with %s", len(postings), store.path, embedder.name)
+    parts = []
+    for start in range(0, len(postings), batch):
+        chunk = postings[start : start + batch]
+        pixels = [decode_image(p.image, embedder.image_size, background=background).transpose(2, 0, 1) for p in chunk]
+        parts.append(embedder.embed(np.ascontiguousarray(np.stack(pixels))))
+    x = l2_normalize(np.concatenate(parts))
+    store.set_embeddings(x, {"model_key": key, "dim": str(x.shape[1])})
+
+
+def remove_orphans(store: GalleryStore, images_dir: Path) -> None:
+    """Delete the image files no posting refers to: written by an addition that a crash
+    interrupted before its commit (additions write their image files first)."""
+    if not images_dir.is_dir():
+        return
+    kept = {Path(image).name for image in store.images()}
+    orphans = [p for p in images_dir.iterdir() if p.is_file() and p.name not in kept]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    if orphans:
+        log.warning(
+            "Removed %d orphan image(s) of unfinished additions from %s", len(orphans), images_dir
+        )
