@@ -225,7 +225,9 @@ def open_gallery(
             if not cfg.reembed:
                 raise ValueError(other_weights_message(store, meta, embedder, key))
             reembed(store, embedder, int(meta["dim"]), key, background)
-        seed_images, seed, seed_key = gallery_postings(cfg, run, embedder.image_size, stores, background)
+        seed_images, seed, seed_key = gallery_postings(
+            cfg, run, embedder.image_size, stores, background
+        )
         if store.meta().get("seed") != seed_key:
             log.info("Embedding %d gallery postings into %s", len(seed), store.path)
             x = l2_normalize(embedder.embed_all(seed_images))
@@ -280,7 +282,10 @@ def reembed(
     parts = []
     for start in range(0, len(postings), batch):
         chunk = postings[start : start + batch]
-        pixels = [decode_image(p.image, embedder.image_size, background=background).transpose(2, 0, 1) for p in chunk]
+        pixels = [
+            decode_image(p.image, embedder.image_size, background=background).transpose(2, 0, 1)
+            for p in chunk
+        ]
         parts.append(embedder.embed(np.ascontiguousarray(np.stack(pixels))))
     x = l2_normalize(np.concatenate(parts))
     store.set_embeddings(x, {"model_key": key, "dim": str(x.shape[1])})
