@@ -8,8 +8,9 @@ Layout of a store directory:
 
 The key hashes the source's description (files, sizes, mtimes and how they are decoded, or
 the generator spec) and the image size, so a changed source or decoding gets a new store. A
-store is built in a temporary directory and renamed into place, so a killed build leaves nothing that looks complete, and
-jobs that start together build it once (`shared.data.publish`).
+store is built in a temporary directory and renamed into place, so a killed build leaves
+nothing that looks complete, and jobs that start together build it once
+(`shared.data.publish`).
 """
 
 from __future__ import annotations
