@@ -19,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import shared.config  # noqa: F401  (resolvers)
 
+# The checkpoint key under which evaluation callbacks store what they chose on validation
+# (e.g. the matching threshold), read by name by inference, the service and results.json.
+CHOSEN = "chosen_on_validation"
+
 
 @dataclass
 class LoadedRun:
@@ -28,6 +32,7 @@ class LoadedRun:
     module: torch.nn.Module
     datamodule: object
     callbacks_state: dict
+    chosen: dict  # the checkpoint's CHOSEN entry: {"threshold": ...} for matching runs
 
 
 def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
@@ -83,7 +88,15 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str = "cpu"
     module = build_module(resolved.module._target_, state, ckpt)
     module.eval()
     datamodule = hydra.utils.instantiate(resolved.data)
-    return LoadedRun(run_dir, resolved, ckpt, module, datamodule, state.get("callbacks", {}))
+    return LoadedRun(
+        run_dir,
+        resolved,
+        ckpt,
+        module,
+        datamodule,
+        state.get("callbacks", {}),
+        state.get(CHOSEN, {}),
+    )
 
 
 # A run directory may come from elsewhere (a downloaded W&B or MLflow artifact): its config

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -24,6 +25,7 @@ from shared.checkpoint_io import use_atomic_checkpoints
 from shared.config import check_trainer_config, prepare_environment
 from shared.instantiate import instantiate, instantiate_group, save_resolved_config
 from shared.resume import check_compatible, resume_checkpoint
+from shared.run_loading import CHOSEN
 from shared.summary import best_checkpoint, final_metric
 from shared.tracking.csv_logger import CsvHistory
 from shared.tracking.loggers import finish_loggers, log_config
@@ -87,6 +89,10 @@ def _run(cfg: DictConfig) -> float | None:
         results["best_checkpoint"] = best
         scores = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         results["test"] = _first(scores)
+        if best:  # what evaluation chose on validation (a matching threshold), by name
+            chosen = torch.load(best, map_location="cpu", weights_only=True).get(CHOSEN)
+            if chosen:
+                results[CHOSEN] = chosen
     finish_loggers(loggers)  # close the W&B run: a sweep's next job starts its own
     if trainer.is_global_zero:
         _write_results(out, results)

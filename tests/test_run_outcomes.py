@@ -66,8 +66,9 @@ def test_matching_test_fold_is_scored_at_the_threshold_chosen_on_validation(tmp_
     test = results["test"]
 
     loaded = load_run(run_path)  # the best checkpoint, as serve / infer load it
-    (state,) = [v for k, v in loaded.callbacks_state.items() if k.startswith("MatchingEval")]
+    state = loaded.chosen  # the checkpoint's named entry
     assert abs(test["test/threshold"] - state["threshold"]) < 1e-6  # chosen on validation
+    assert results["chosen_on_validation"] == state  # and in the run directory
     history = json.loads((run_path / "matching_eval.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 0, 1, 2]  # untrained, then every epoch
 

@@ -13,6 +13,7 @@ from shared.plots import plot_threshold_sweep
 from shared.retrieval.metrics import retrieval_metrics
 from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import neighbourhood_blend, threshold_sweep
+from shared.run_loading import CHOSEN
 
 
 def sweep_embeddings(
@@ -109,6 +110,11 @@ class MatchingEvalCallback(EmbeddingCallback):
         self.history.append({"epoch": trainer.current_epoch, **metrics})
         state = {"latest": result.to_dict(), "history": self.history}
         write_text(out / "matching_eval.json", json.dumps(state, indent=1, default=float))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """The threshold also under a plain name (`shared.run_loading.CHOSEN`), which
+        inference, the service and results.json read."""
+        checkpoint.setdefault(CHOSEN, {})["threshold"] = self.threshold
 
     def state_dict(self):
         return {"threshold": self.threshold, "history": self.history}

@@ -21,12 +21,14 @@ from shared.run_loading import load_run
 log = logging.getLogger(__name__)
 
 
-def run_threshold(callbacks_state: dict) -> float | None:
-    """The best threshold the evaluation callback stored inside the checkpoint."""
-    for key, value in callbacks_state.items():
-        if key.startswith("MatchingEvalCallback") and value.get("threshold") is not None:
-            return float(value["threshold"])
-    return None
+def run_threshold(run) -> float | None:
+    """The threshold the run chose on validation, stored in its checkpoint by name."""
+    value = run.chosen.get("threshold")
+    if value is None:  # checkpoints written before the named entry: the callback's state
+        for key, state in run.callbacks_state.items():
+            if key.startswith("MatchingEvalCallback") and state.get("threshold") is not None:
+                value = state["threshold"]
+    return None if value is None else float(value)
 
 
 def run_background(config) -> tuple[int, int, int]:
@@ -72,7 +74,7 @@ def match_postings(
 ) -> Path:
     run = load_run(run_dir, which)
     if threshold is None:
-        threshold = run_threshold(run.callbacks_state)
+        threshold = run_threshold(run)
         if threshold is None:
             raise ValueError(f"{run.checkpoint} stores no threshold: pass one explicitly")
     source = CsvSource(

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -131,6 +132,40 @@ def _on_background(img, background: tuple[int, int, int]):
     return out
 
 
+@runtime_checkable
+class Source(Protocol):
+    """What the image store reads from a data source: one row per image."""
+
+    labels: np.ndarray  # int class of each row (0 .. len(class_names) - 1)
+    ids: list[str]  # a unique id per row
+    class_names: list[str]
+    groups: list | None  # each row's group (for data.split_by=group), or None
+    skip_corrupt: bool  # False: a corrupt image stops the build (`corrupt_error`)
+
+    def __len__(self) -> int: ...
+
+    def describe(self) -> dict:
+        """Everything that decides the stored pixels: the store's key hashes it."""
+        ...
+
+    def load(self, indices: Sequence[int], size: int) -> tuple[torch.Tensor, list[int]]:
+        """uint8 images [n, 3, size, size] of the good rows, and the rows that failed."""
+        ...
+
+    def corrupt_error(self, bad: list[int]) -> Exception: ...
+
+
+def check_source(source) -> None:
+    """TypeError naming what `source` lacks of the `Source` protocol (a user's own class)."""
+    members = ("labels", "ids", "class_names", "groups", "skip_corrupt", "__len__")
+    missing = [m for m in (*members, "describe", "load", "corrupt_error") if not hasattr(source, m)]
+    if missing:
+        raise TypeError(
+            f"{type(source).__name__} is not a data source: it lacks {missing} "
+            "(see shared.data.sources.Source)"
+        )
+
+
 class FileSource:
     """Rows backed by image files; decoding runs on a thread pool (PIL releases the GIL)."""
 
@@ -138,6 +173,7 @@ class FileSource:
     labels: np.ndarray
     ids: list[str]
     class_names: list[str]
+    groups: list | None = None
     # Where this source's settings live in the config, for error messages that name a key.
     config_key = "data.source"
 
@@ -318,10 +354,14 @@ class SyntheticSource:
         self.ids = [f"p{i:07d}" for i in range(len(self.products))]
         self.class_names = [str(c) for c in range(self.products.num_classes)]
         self.skip_corrupt = False
+        self.groups = None
         self._at_size = None  # rendered directly at the store's size when it differs
 
     def __len__(self) -> int:
         return len(self.products)
+
+    def corrupt_error(self, bad: list[int]) -> Exception:
+        return CorruptImagesError(f"synthetic rows failed to render: {bad[:5]}")
 
     def describe(self) -> dict:
         from dataclasses import asdict

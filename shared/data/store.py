@@ -29,6 +29,7 @@ from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 from shared.data.publish import build_once
+from shared.data.sources import Source, check_source
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class ImageStore:
 
 
 def build_store(
-    source,
+    source: Source,
     root: str | Path,
     image_size: int,
     name: str = "store",
@@ -97,6 +98,7 @@ def build_store(
     `path` pins the directory; a store found there with another key (other source or size)
     is rebuilt, never silently reused.
     """
+    check_source(source)
     description = source.describe()
     key = store_key(description, image_size)
     path = Path(path) if path else Path(root) / f"{name}-{key}"
@@ -198,7 +200,7 @@ def _write_store(
             write += len(good)
             bar.update(len(idx))
     if bad:
-        if not getattr(source, "skip_corrupt", False):
+        if not source.skip_corrupt:
             raise source.corrupt_error(bad)
         if write == 0:
             raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
@@ -209,9 +211,7 @@ def _write_store(
         "num_images": write,
         "num_skipped": len(bad),
         "ids": [source.ids[i] for i in keep],
-        "groups": None
-        if getattr(source, "groups", None) is None
-        else [source.groups[i] for i in keep],
+        "groups": None if source.groups is None else [source.groups[i] for i in keep],
         "class_names": list(source.class_names),
         "class_counts": np.bincount(labels, minlength=len(source.class_names)).tolist(),
     }

@@ -55,7 +55,7 @@ def test_threshold_is_the_one_the_run_chose(loaded, matching_run):
     from matching.infer import run_threshold
     from shared.run_loading import load_run
 
-    stored = run_threshold(load_run(matching_run.run_dir).callbacks_state)
+    stored = run_threshold(load_run(matching_run.run_dir))
     assert stored is not None and loaded.settings.threshold == pytest.approx(stored)
 
 

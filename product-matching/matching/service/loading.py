@@ -160,7 +160,7 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
     if threshold is None:
         if run is None:
             raise ValueError("threshold=<similarity> is needed when no run is given")
-        threshold = run_threshold(run.callbacks_state)
+        threshold = run_threshold(run)
         if threshold is None:
             raise ValueError(
                 f"{run.checkpoint} stores no threshold (no matching evaluation ran before it "

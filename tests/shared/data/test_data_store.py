@@ -511,3 +511,25 @@ def test_a_store_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     assert {"images.memmap", "labels.memmap", "row.memmap", "meta.json"} <= names
     assert any(Path(p).name.startswith(f".{store.path.name}.tmp") for p in synced)  # folders
     assert all(f".{store.path.name}.tmp" in p for p in synced)  # before the rename
+
+
+def test_every_source_kind_keeps_the_source_contract(tmp_path):
+    """The store reads sources through `Source`: the built-in kinds have every member, and
+    an object without them is refused by name before any build starts."""
+    import pytest
+
+    from shared.data.sources import Source, SyntheticSource, check_source
+    from shared.data.store import build_store
+
+    synthetic = SyntheticSource(num_families=2, groups_per_family=2, image_size=16)
+    assert isinstance(synthetic, Source)
+    check_source(synthetic)
+
+    class Half:
+        labels, ids = [0], ["a"]
+
+        def load(self, indices, size):
+            raise AssertionError("never read")
+
+    with pytest.raises(TypeError, match=r"Half is not a data source: it lacks \['class_names'"):
+        build_store(Half(), tmp_path, 16)
