@@ -13,6 +13,7 @@ import pytest
 from matching.service.app import build_app
 from matching.service.gallery import Gallery
 from matching.service.loading import Service, load_service
+from matching.service.server import server_config
 from tests.conftest import compose_config
 from tests.tracking.conftest import matching_run, tiny_data  # noqa: F401
 
@@ -54,7 +55,7 @@ def live_server(service):
     import uvicorn
 
     app = build_app(service.embedder, service.gallery, service.settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, "warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
