@@ -267,7 +267,9 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
     backend = "onnx" if isinstance(embedder, OnnxEmbedder) else "torch"
     # Every forward pass goes through one batcher: one at a time, concurrent queries together.
     embedder = MicroBatcher(embedder, settings.batch_window_ms, settings.max_batch)
-    decode_slots = Admission(settings.max_decodes, settings.queue_timeout_s, "decoding images")
+    decode_slots = Admission(
+        settings.max_decodes, settings.queue_timeout_s, "max_decodes", "decoding images"
+    )
     bearer = HTTPBearer(auto_error=False, description="api_token of conf/serve.yaml")
 
     def check_token(

@@ -27,16 +27,16 @@ def busy(message: str, retry_after_s: float) -> HTTPException:
 class Admission:
     """At most `limit` holders at once; a caller waits up to `timeout_s`, then gets 503."""
 
-    def __init__(self, limit: int, timeout_s: float, what: str) -> None:
+    def __init__(self, limit: int, timeout_s: float, key: str, what: str) -> None:
         self._slots = threading.BoundedSemaphore(int(limit))
-        self.limit, self.timeout_s, self.what = int(limit), float(timeout_s), what
+        self.limit, self.timeout_s, self.key, self.what = int(limit), float(timeout_s), key, what
 
     @contextmanager
     def slot(self):
         if not self._slots.acquire(timeout=self.timeout_s):
             raise busy(
-                f"the service is busy: {self.limit} requests are already {self.what} and none "
-                f"finished within queue_timeout_s={self.timeout_s:g}; retry shortly",
+                f"the service is busy: {self.key}={self.limit} requests are {self.what} and "
+                f"none finished within queue_timeout_s={self.timeout_s:g}; retry shortly",
                 max(1.0, self.timeout_s),
             )
         try:
