@@ -126,7 +126,9 @@ def closed_by_server(socks: list[socket.socket], wait_s: float) -> tuple[int, fl
 
 
 def scenario(url: str, pid: int, log_path: Path, duration: float, start_load) -> dict:
-    """Run `start_load(stop, tally)` for `duration` s while probing /health."""
+    """Run `start_load(stop, tally)` (-> its client threads, and a function giving extra
+    figures) for `duration` s while probing /health; then let the requests in flight finish
+    (peak memory often comes after the window) and read the figures."""
     reset_peak_rss(pid)
     log_before = log_path.stat().st_size
     lines_before = log_path.read_bytes().count(b"\n")
@@ -146,18 +148,21 @@ def scenario(url: str, pid: int, log_path: Path, duration: float, start_load) ->
     prober = threading.Thread(target=probe, daemon=True)
     t0 = time.perf_counter()
     prober.start()
-    extra = start_load(stop, tally)
+    threads, extra = start_load(stop, tally)
     time.sleep(duration)
     stop.set()
+    for t in threads:
+        t.join(timeout=300)
     elapsed = time.perf_counter() - t0
     prober.join(timeout=60)
-    extra = extra() if callable(extra) else {}
+    extra = extra() if extra else {}
     times = np.array([dt for dt, _ in health]) * 1e3
     return {
         "peak_rss_mb": peak_rss_mb(pid),
         "health_p50_ms": round(float(np.median(times)), 1) if len(times) else None,
         "health_max_ms": round(float(times.max()), 1) if len(times) else None,
         "health_failed": sum(not ok for _, ok in health),
+        "seconds": round(elapsed, 1),  # the window and the requests' drain
         "ok_per_s": round(tally[200] / elapsed, 2),
         "answers": {str(k): v for k, v in sorted(tally.items(), key=str)},
         "log_lines": log_path.read_bytes().count(b"\n") - lines_before,
@@ -194,11 +199,11 @@ def main() -> None:
         ]
 
         def load(n, uploads):
-            return lambda stop, tally: clients(url, n, uploads, stop, tally) and None
+            return lambda stop, tally: (clients(url, n, uploads, stop, tally), None)
 
         def stalled(stop, tally):
             socks = stall(url, args.stalled)
-            clients(url, 4, small, stop, tally)
+            threads = clients(url, 4, small, stop, tally)
 
             def settle():
                 closed, last = closed_by_server(socks, args.stall_wait)
@@ -208,7 +213,7 @@ def main() -> None:
                     "closed_after_s": last,
                 }
 
-            return settle
+            return threads, settle
 
         plan = {
             "large": load(args.large_clients, large),
@@ -227,8 +232,8 @@ def main() -> None:
         f"open-file limit {args.nofile}"
     )
     print(
-        f"{'scenario':>9} {'peak RSS MB':>11} {'health p50/max ms':>18} {'ok req/s':>9} "
-        f"{'log lines':>9}  answers"
+        f"{'scenario':>9} {'seconds':>7} {'peak RSS MB':>11} {'health p50/max ms':>18} "
+        f"{'ok req/s':>9} {'log lines':>9}  answers"
     )
     for name, r in rows.items():
         health = f"{r['health_p50_ms']}/{r['health_max_ms']}"
@@ -239,7 +244,8 @@ def main() -> None:
                 f"(last {r['closed_after_s']} s after the scenario)"
             )
         print(
-            f"{name:>9} {r['peak_rss_mb'] or 0:>11.0f} {health:>18} {r['ok_per_s']:>9.1f} "
+            f"{name:>9} {r['seconds']:>7} {r['peak_rss_mb'] or 0:>11.0f} {health:>18} "
+            f"{r['ok_per_s']:>9.1f} "
             f"{r['log_lines']:>9}  {r['answers']}{extra}"
         )
     write_results(args, time.perf_counter() - t_all, {"server": info, "scenarios": rows})
