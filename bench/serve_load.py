@@ -12,16 +12,20 @@ the time goes.
     python bench/serve_load.py --run-dir logs/product-matching/dolg/runs/<time>
     python bench/serve_load.py --onnx model.onnx --threshold 0.6   # ONNX Runtime backend
     python bench/serve_load.py --concurrency 1 4 8 --duration 20
+    python bench/serve_load.py --set max_batch=1               # batching off
+    python bench/serve_load.py --server-code /tmp/base         # the server of another checkout
 
 Without --run-dir the weights are random (speed does not depend on them) and the gallery is
 the default run's synthetic postings. Clients and server share the machine, so on few cores
 the clients' own CPU use lowers the figures. Prints a table and writes
-bench/results/serve_load.json.
+bench/results/serve_load.json. `--server-code` runs the server from another checkout of the
+repository (e.g. `git archive <commit> | tar -x -C /tmp/base`), for before/after figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -51,7 +55,7 @@ def serve_config(args, data_dir: str, csv: Path | None):
     from shared.config import REPO_ROOT, prepare_environment
 
     prepare_environment()
-    overrides = [f"port={args.port}", f"data_dir={data_dir}", "log_level=warning"]
+    overrides = [f"port={args.port}", f"data_dir={data_dir}", "log_level=warning", *args.set]
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     if args.onnx:
@@ -140,7 +144,15 @@ def serve(args) -> None:
         }
         Path(args.info).write_text(json.dumps(info))
         app = build_app(service.embedder, service.gallery, service.settings)
-        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+        try:
+            from matching.service.server import server_config
+        except ImportError:  # --server-code of a version without it
+            uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+            return
+        keys = ("max_connections", "header_timeout_s", "keep_alive_s")
+        uvicorn.Server(
+            server_config(app, "127.0.0.1", args.port, "warning", *(cfg[k] for k in keys))
+        ).run()
 
 
 # ----------------------------------------------------------------------------- the clients
@@ -193,34 +205,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--run-dir", default=None, help="serve a trained run instead")
-    p.add_argument("--onnx", default=None, help="serve this ONNX export (ONNX Runtime)")
-    p.add_argument("--threshold", type=float, default=None, help="default: the run's")
-    p.add_argument("--overrides", nargs="*", default=[], help="matching config overrides")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
-    p.add_argument("--queries", type=int, default=64, help="distinct gallery images sent")
-    p.add_argument("--reps", type=int, default=30, help="single-request stage timings")
-    p.add_argument("--torch-threads", type=int, default=None, help="server's (default torch's)")
-    p.add_argument("--startup-timeout", type=float, default=300.0)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--info", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.serve:
-        serve(args)
-        return
+def reset_peak_rss(pid: int) -> None:
+    """Start the process's peak-RSS count (VmHWM) afresh (Linux: clear_refs 5)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
 
-    t_all = time.perf_counter()
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory of the process since start or the last reset, MB."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    return round(kb / 1024, 1)
+
+
+@contextlib.contextmanager
+def running_server(args, preexec=None):
+    """The service in a subprocess, answering /health: (url, server info, its log file). The
+    server's stdout and stderr go to the log file (the hostile benchmark counts its lines)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
-        info_path = Path(tmp) / "info.json"
+        info_path, log_path = Path(tmp) / "info.json", Path(tmp) / "server.log"
         cmd = [sys.executable, __file__, "--serve", f"--port={port}", f"--info={info_path}"]
         cmd += [f"--reps={args.reps}", f"--queries={args.queries}"]
         for flag in ("run_dir", "onnx", "threshold", "torch_threads"):
@@ -228,7 +235,18 @@ def main() -> None:
                 cmd.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
         if args.overrides:
             cmd += ["--overrides", *args.overrides]
-        server = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if args.set:
+            cmd += ["--set", *args.set]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.server_code:
+            root = Path(args.server_code).resolve()
+            env["PYTHONPATH"] = os.pathsep.join(
+                str(root / sub) for sub in ("", "ssl", "product-matching")
+            )
+        with open(log_path, "wb") as log:
+            server = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec
+            )
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + args.startup_timeout
@@ -238,6 +256,7 @@ def main() -> None:
                     break
                 except httpx.HTTPError:
                     if server.poll() is not None:
+                        sys.stdout.write(log_path.read_text(errors="replace")[-3000:])
                         code = server.returncode
                         raise SystemExit(f"the server exited with code {code}") from None
                     if time.monotonic() > deadline:
@@ -245,14 +264,54 @@ def main() -> None:
                         raise SystemExit(f"the server did not answer in {limit} s") from None
                     time.sleep(0.5)
             info = json.loads(info_path.read_text())
-            blobs = [(Path(q).name, Path(q).read_bytes()) for q in info.pop("query_images")]
-            rows = []
-            for clients in args.concurrency:
-                rows.append(run_load(url, blobs, clients, args.warmup, args.duration))
-                print(f"  {clients} client(s): {rows[-1]['requests_per_s']} req/s", flush=True)
+            info["pid"] = server.pid
+            yield url, info, log_path
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options every service benchmark shares (server, model, timing)."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--run-dir", default=None, help="serve a trained run instead")
+    p.add_argument("--onnx", default=None, help="serve this ONNX export (ONNX Runtime)")
+    p.add_argument("--threshold", type=float, default=None, help="default: the run's")
+    p.add_argument("--overrides", nargs="*", default=[], help="matching config overrides")
+    p.add_argument("--set", nargs="*", default=[], help="conf/serve.yaml overrides, key=value")
+    p.add_argument("--server-code", default=None, help="run the server from this checkout")
+    p.add_argument("--queries", type=int, default=64, help="distinct gallery images sent")
+    p.add_argument("--reps", type=int, default=30, help="single-request stage timings")
+    p.add_argument("--torch-threads", type=int, default=None, help="server's (default torch's)")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--info", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    p = arguments(__doc__)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    if args.serve:
+        serve(args)
+        return
+
+    t_all = time.perf_counter()
+    with running_server(args) as (url, info, _):
+        blobs = [(Path(q).name, Path(q).read_bytes()) for q in info.pop("query_images")]
+        rows = []
+        for clients in args.concurrency:
+            reset_peak_rss(info["pid"])
+            rows.append(run_load(url, blobs, clients, args.warmup, args.duration))
+            rows[-1]["server_peak_rss_mb"] = peak_rss_mb(info["pid"])
+            print(f"  {clients} client(s): {rows[-1]['requests_per_s']} req/s", flush=True)
 
     stages = info["one_request"]
     print(
@@ -264,11 +323,14 @@ def main() -> None:
         f"one request inside the server (median of {args.reps}): decode {stages['decode_ms']:.2f}"
         f" ms, embed {stages['embed_ms']:.2f} ms, search {stages['search_ms']:.3f} ms"
     )
-    print(f"{'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"server: {args.server_code or 'this checkout'}, conf overrides: {args.set or 'none'}")
+    head = f"{'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    print(f"{head} {'peak RSS MB':>12}")
     for r in rows:
         print(
             f"{r['clients']:>7} {r['requests_per_s']:>8.1f} {r['p50_ms']:>8.1f} "
-            f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors']:>7}"
+            f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors']:>7} "
+            f"{r['server_peak_rss_mb'] or 0:>12.0f}"
         )
     write_results(args, time.perf_counter() - t_all, {"server": info, "results": rows})
 

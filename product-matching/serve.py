@@ -9,8 +9,10 @@ export, embeds the gallery (default: the run's own postings) into a FAISS index 
     GET  /gallery/{id}/image, GET /health, GET /docs (OpenAPI: /openapi.json)
 
 on http://127.0.0.1:8000. Config: conf/serve.yaml (run_dir, onnx, gallery, threshold,
-top_k, max_upload_mb, max_pixels, data_dir, gallery_db, host, port, ...). Postings added
-with POST /gallery are kept in gallery_db (default data_dir/gallery.sqlite) across restarts.
+top_k, max_upload_mb, max_pixels, data_dir, gallery_db, host, port, api_token, ...).
+Postings added with POST /gallery are kept in gallery_db (default
+data_dir/gallery.sqlite) across restarts. Bound to a non-loopback host it needs
+`api_token` (MATCH_API_TOKEN) and warns.
 """
 
 import contextlib
@@ -25,12 +27,14 @@ from omegaconf import DictConfig
 import shared.config  # noqa: F401  (resolvers, PROJECT_ROOT)
 from matching.service.app import build_app
 from matching.service.loading import load_service
+from matching.service.server import check_exposure, server_config
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
+    check_exposure(str(cfg.host), cfg.api_token)  # before minutes of loading
     # Starlette spools uploads above 1 MB to temporary files while it parses a request; keep
     # those under data_dir too, so the service writes nowhere else.
     spool = Path(cfg.data_dir) / "tmp"
@@ -46,7 +50,16 @@ def main(cfg: DictConfig) -> None:
         cfg.port,
     )
     close_on_shutdown(app, service.gallery)
-    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level)
+    config = server_config(
+        app,
+        cfg.host,
+        cfg.port,
+        cfg.log_level,
+        cfg.max_connections,
+        cfg.header_timeout_s,
+        cfg.keep_alive_s,
+    )
+    uvicorn.Server(config).run()
 
 
 def close_on_shutdown(app, gallery) -> None:

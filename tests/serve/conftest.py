@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from matching.service.app import build_app
 from matching.service.gallery import Gallery
 from matching.service.loading import Service, load_service
+from matching.service.server import server_config
 from tests.conftest import compose_config
 from tests.tracking.conftest import matching_run, tiny_data  # noqa: F401
 
@@ -48,13 +50,13 @@ def client(service):
         yield c
 
 
-@pytest.fixture
-def live_server(service):
-    """The app on a real uvicorn server in a thread, on a port the OS picks: its URL."""
+@contextmanager
+def running(app, **limits):
+    """The app on a real uvicorn server (serve.py's config, `limits` passed to it) in a
+    thread, on a port the OS picks: its URL."""
     import uvicorn
 
-    app = build_app(service.embedder, service.gallery, service.settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, "warning", **limits))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -63,6 +65,15 @@ def live_server(service):
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(service):
+    """The service on a real uvicorn server in a thread: its URL."""
+    with running(build_app(service.embedder, service.gallery, service.settings)) as url:
+        yield url

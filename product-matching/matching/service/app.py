@@ -2,36 +2,42 @@
 
     app = build_app(embedder, gallery, settings)     # then: uvicorn.run(app, ...)
 
-Endpoints are plain `def`s: FastAPI runs them on its thread pool, so decoding and embedding
-(which release the GIL) overlap between requests. Limits, each answered with a 4xx naming
-the upload and the limit: the whole request body (`max_upload_mb`, from Content-Length before
-reading and by counting while reading), the images per request (`max_files`), the pixels of
-one image (`max_pixels`) and all images of a request together (`max_request_pixels`), both
-read from the headers before decoding, the formats (PNG, JPEG,
-WebP, GIF, BMP, TIFF), truncated or corrupt files. Added images are written only under
-`data_dir/gallery_images/`, named by a generated id, never by anything the client sent.
+Endpoints are plain `def`s on FastAPI's thread pool; every forward pass goes through one
+`MicroBatcher`, which embeds concurrent requests' images together. Limits, each answered
+with a 4xx naming the upload and the limit: the whole request body (`max_upload_mb`, from
+Content-Length before reading and by counting while reading), the images per request
+(`max_files`), the pixels of one image (`max_pixels`) and all images of a request together
+(`max_request_pixels`), both read from the headers before decoding, the formats (PNG, JPEG,
+WebP, GIF, BMP, TIFF), truncated or corrupt files. Overload: at most `max_decodes` requests
+decode at once and a request that waits `queue_timeout_s` for a slot or for the model gets
+503 + Retry-After; a body not in within `body_timeout_s` gets 408. With `api_token` set,
+POST /gallery needs `Authorization: Bearer <token>` (401). Added images are written only
+under `data_dir/gallery_images/`, named by a generated id, never by anything the client sent.
 
 (No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, and
 they refer to `settings` of the enclosing `build_app`.)
 """
 
 import errno
+import hmac
 import math
 import os
 import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from matching.service.batching import Busy, MicroBatcher
 from matching.service.embedder import Embedder, OnnxEmbedder
 from matching.service.gallery import DuplicatePostingError, Gallery, Hit, Posting, select_matches
 from matching.service.images import (
@@ -41,6 +47,7 @@ from matching.service.images import (
     describe_upload,
     read_header,
 )
+from matching.service.limits import Admission, BodyTimeout, busy
 from matching.service.page import PAGE
 from shared.data.sources import DEFAULT_BACKGROUND, check_background
 from shared.retrieval.threshold import MAX_NEIGHBOURS
@@ -69,17 +76,36 @@ class Settings:
     # RGB that transparent pixels are composited on: the gallery store's, so an uploaded
     # copy of a gallery image decodes to the same pixels.
     background: tuple[int, int, int] = DEFAULT_BACKGROUND
+    max_decodes: int = 2  # requests decoding at once (decoding is what costs memory)
+    queue_timeout_s: float = 2.0  # wait for a decode slot or the model, then 503
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this, else 408
+    batch_window_ms: float = 2.0  # how long a batch waits for more concurrent queries
+    max_batch: int = 16  # images per forward pass; 1: no batching
+    api_token: str | None = field(default=None, repr=False)  # POST /gallery needs it if set
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}")
-        for key in ("top_k", "max_top_k", "max_files", "max_pixels", "max_request_pixels"):
+        for key in (
+            "top_k",
+            "max_top_k",
+            "max_files",
+            "max_pixels",
+            "max_request_pixels",
+            "max_decodes",
+            "max_batch",
+        ):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.top_k > self.max_top_k:
             raise ValueError(f"top_k={self.top_k} is above max_top_k={self.max_top_k}")
-        if not self.max_upload_mb > 0:
-            raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
+        for key in ("max_upload_mb", "queue_timeout_s", "body_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if not self.batch_window_ms >= 0:
+            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.api_token is not None and len(self.api_token) < 16:
+            raise ValueError("api_token must be at least 16 characters (or null: no token)")
         object.__setattr__(self, "background", check_background(self.background, "background"))
 
     @property
@@ -217,6 +243,10 @@ class Health(BaseModel):
     max_pixels: int
     max_request_pixels: int
     background: tuple[int, int, int]
+    max_decodes: int
+    max_batch: int
+    batch_window_ms: float
+    auth_required: bool  # POST /gallery needs `Authorization: Bearer <api_token>`
 
 
 def image_url(posting_id: str) -> str:
@@ -265,11 +295,32 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
     )
     images_dir = Path(settings.data_dir).resolve() / IMAGES_SUBDIR
     backend = "onnx" if isinstance(embedder, OnnxEmbedder) else "torch"
+    # Every forward pass goes through one batcher: one at a time, concurrent queries together.
+    embedder = MicroBatcher(embedder, settings.batch_window_ms, settings.max_batch)
+    decode_slots = Admission(
+        settings.max_decodes, settings.queue_timeout_s, "max_decodes", "decoding images"
+    )
+    bearer = HTTPBearer(auto_error=False, description="api_token of conf/serve.yaml")
+
+    def check_token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        """401 unless the request carries the API token (when one is set)."""
+        if settings.api_token is None:
+            return
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), settings.api_token.encode()):
+            raise HTTPException(
+                401,
+                "adding postings needs the API token: send `Authorization: Bearer <api_token>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     too_large = (
         f"request body is larger than max_upload_mb={settings.max_upload_mb:g} MB "
         f"({settings.max_upload_bytes} bytes)"
     )
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, message=too_large)
     app.add_middleware(SameOrigin, allowed_hosts=tuple(settings.allowed_hosts))
 
@@ -294,17 +345,26 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
                 f"max_request_pixels={settings.max_request_pixels}: send fewer or smaller images",
             )
         pixels, names, formats = [], [], []
-        for what, data in uploads:
-            try:
-                image, fmt = decode_upload(
-                    data, what, embedder.image_size, settings.max_pixels, settings.background
-                )
-            except ImageRejected as exc:
-                raise HTTPException(exc.status, str(exc)) from None
-            pixels.append(image)
-            names.append(what)
-            formats.append(fmt)
+        with decode_slots.slot():
+            for what, data in uploads:
+                try:
+                    image, fmt = decode_upload(
+                        data, what, embedder.image_size, settings.max_pixels, settings.background
+                    )
+                except ImageRejected as exc:
+                    raise HTTPException(exc.status, str(exc)) from None
+                pixels.append(image)
+                names.append(what)
+                formats.append(fmt)
         return np.stack(pixels), names, formats
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        try:
+            return embedder.embed(images, timeout_s=settings.queue_timeout_s)
+        except Busy as exc:
+            raise busy(
+                f"the service is busy: {exc}; retry shortly", settings.queue_timeout_s
+            ) from None
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
@@ -328,7 +388,8 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
             image_size=embedder.image_size,
             embedding_dim=gallery.dim,
             gallery_size=gallery.size_now,
-            **{k: v for k, v in asdict(settings).items() if k not in ("data_dir", "allowed_hosts")},
+            auth_required=settings.api_token is not None,
+            **{k: v for k, v in asdict(settings).items() if k in Health.model_fields},
         )
 
     @app.post("/match", response_model=MatchResponse)
@@ -341,7 +402,7 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
         """Each image's matches (similarity >= threshold) and its top-k neighbours."""
         images, names, _ = decode_all(files)
         k = top_k or settings.top_k
-        rows = gallery.search(embedder.embed(images), max(k, MAX_NEIGHBOURS))
+        rows = gallery.search(embed(images), max(k, MAX_NEIGHBOURS))
         results = []
         for name, hits in zip(names, rows):
             chosen = select_matches([h.similarity for h in hits], settings.threshold, settings.min2)
@@ -360,7 +421,9 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
             results=results,
         )
 
-    @app.post("/gallery", response_model=AddResponse, status_code=201)
+    @app.post(
+        "/gallery", response_model=AddResponse, status_code=201, dependencies=[Depends(check_token)]
+    )
     def add_postings(
         files: Annotated[list[UploadFile], File(description="one image per new posting")],
         posting_id: Annotated[

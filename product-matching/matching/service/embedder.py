@@ -94,7 +94,7 @@ class OnnxEmbedder(Embedder):
         if len(shape) != 4 or not isinstance(shape[2], int) or shape[2] != shape[3]:
             raise ValueError(f"onnx={str(path)!r}: input shape {shape} is not [B, 3, S, S]")
         self.image_size = int(shape[2])
-        self.name = f"ONNX {path}"
+        self.name = f"ONNX {path.name}"  # not the path: /health must not map the disk
         self.key = file_key(path)
 
     def embed(self, images: np.ndarray) -> np.ndarray:

@@ -149,7 +149,9 @@ def load_model(cfg: DictConfig) -> tuple[Embedder, object | None]:
         embedder = TorchEmbedder(
             run.module,
             int(run.config.data.image_size),
-            f"{type(run.module.net).__name__} {backbone} from {run.checkpoint}",
+            # the run's name, not its path: /health must not map the server's disk
+            f"{type(run.module.net).__name__} {backbone}, run {Path(run.run_dir).name} "
+            f"{Path(run.checkpoint).name}",
         )
     return embedder, run
 
@@ -192,6 +194,12 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
         data_dir=data_dir,
         allowed_hosts=(*cfg.allowed_hosts, *([] if cfg.host in ("0.0.0.0", "::") else [cfg.host])),
         background=background,
+        max_decodes=int(cfg.max_decodes),
+        queue_timeout_s=float(cfg.queue_timeout_s),
+        body_timeout_s=float(cfg.body_timeout_s),
+        batch_window_ms=float(cfg.batch_window_ms),
+        max_batch=int(cfg.max_batch),
+        api_token=None if cfg.api_token is None else str(cfg.api_token),
     )
     return Service(embedder, gallery, settings)
 
