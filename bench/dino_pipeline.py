@@ -29,11 +29,10 @@ epoch and median epoch; `x base` = best img/s over the baseline's best img/s at 
 num_workers (> 1: ours is faster). `threads` is torch's intra-op thread count in the main
 process (default 1: on a shared machine 2 can be many times slower than 1).
 
-After the tables, `MultiCrop` alone on store batches in the main process: its time against
-the per-op functions of shared/data/augment.py composed one after the other (what MultiCrop
-ran before it was fused; both give the same views for one generator state), the cost of each
-step (best times with the steps switched on one at a time, differenced: noisy on a loaded
-machine, where a step can even come out negative) and the top torch ops.
+After the tables, `MultiCrop` alone on store batches in the main process: its time with
+whole-pixel and continuous boxes, the cost of each step (best times with the steps switched
+on one at a time, differenced: noisy on a loaded machine, where a step can even come out
+negative) and the top torch ops.
 
 The store and the PNG folder are built once under `--root` (outside the timing) and reused.
 
@@ -60,7 +59,6 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm
 
-from shared.data import augment
 from shared.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
 from shared.data.datamodule import StoreDataModule
 from shared.data.sources import SyntheticSource
@@ -303,20 +301,6 @@ def bench_config(cfg: dict, args) -> dict:
 
 
 # ---- MultiCrop alone ----------------------------------------------------------------------
-def per_op_views(mc: MultiCrop, images: torch.Tensor) -> list[torch.Tensor]:
-    """The per-op functions composed one after the other (MultiCrop before it was fused)."""
-    out = []
-    for r in mc.views:
-        y = augment.to_float(augment.random_resized_crop(images, r.size, r.scale))
-        y = augment.random_hflip(y, mc.flip_p)
-        y = augment.color_jitter(y, *mc.jitter, p=mc.jitter_p)
-        y = augment.random_grayscale(y, mc.grayscale_p)
-        y = augment.gaussian_blur(y, r.blur_p)
-        y = augment.random_solarize(y, r.solarize_p)
-        out.append(augment.normalize(y, mc.mean, mc.std))
-    return out
-
-
 # Steps switched on one at a time; each row's time minus the previous row's is that step.
 STAGES = [
     ("crop + normalize", dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0,) * 3,
@@ -342,7 +326,7 @@ def best_time(fn, batches, device, reps: int) -> list[float]:
 
 
 def profile_multicrop(dm, cfg, args) -> dict:
-    """MultiCrop on real store batches: vs the per-op composition, per step, top ops."""
+    """MultiCrop on real store batches: per box kind, per step, top ops."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads[0])
@@ -351,7 +335,7 @@ def profile_multicrop(dm, cfg, args) -> dict:
     dm.num_workers = 0
     batches = [b["images"].to(args.device) for _, b in zip(range(args.profile_batches),
                                                             dm.train_dataloader())]  # fmt: skip
-    fns = {"per-op": lambda x: per_op_views(mc, x), "MultiCrop": mc}
+    fns = {"MultiCrop": mc}
     fns["subpixel boxes"] = MultiCrop(*sizes, subpixel_boxes=True)  # roi_align crops
     fns.update({name: MultiCrop(*sizes, **kw) for name, kw in STAGES})
     for fn in fns.values():
@@ -379,10 +363,8 @@ def profile_multicrop(dm, cfg, args) -> dict:
         "threads": args.threads[0],
         "batches": len(batches),
         "batch_size": args.batch_size,
-        "per_op_ms_per_batch": round(best["per-op"], 1),
         "multicrop_ms_per_batch": round(best["MultiCrop"], 1),
         "multicrop_images_per_s": round(args.batch_size / best["MultiCrop"] * 1e3, 1),
-        "speedup_vs_per_op": round(best["per-op"] / best["MultiCrop"], 2),
         "subpixel_ms_per_batch": round(best["subpixel boxes"], 1),
         "stages": stages,
         "top_ops": [
@@ -422,8 +404,7 @@ def print_report(res: dict) -> None:
         print(
             f"  MultiCrop alone ({p['threads']} thread(s), batch {p['batch_size']}): "
             f"{p['multicrop_ms_per_batch']:.0f} ms/batch ({p['multicrop_images_per_s']:.0f} "
-            f"img/s), per-op composition {p['per_op_ms_per_batch']:.0f} ms/batch: "
-            f"{p['speedup_vs_per_op']:.2f}x; with subpixel_boxes "
+            f"img/s); with subpixel_boxes "
             f"{p['subpixel_ms_per_batch']:.0f} ms/batch"
         )
         print("    steps (ms/batch): " + ", ".join(f"{s['step']} {s['step_ms']:.0f}"

@@ -1,15 +1,10 @@
 """Augmentations on whole batches of image tensors, each image with its own random draw.
 
 torchvision's v2 transforms draw one set of parameters per call, so a batch would get the
-same crop everywhere. These functions draw per image and stay vectorised (the crop, whose
-boxes differ in size, is one resize call per image), so they run on the GPU right after
-the batch is transferred (uint8 over the bus, float on the device), or in the CPU
-data-loader workers on whole batches (crops in uint8, like PIL, through torch's SIMD path).
-
-The per-op functions are the readable definitions (each tested against torchvision);
-`MultiCrop` draws exactly what they draw and computes the same views in fewer passes
-(flip folded into the crop, colour matrices, in-place steps on cache-sized chunks; on the
-CPU every step after the crop is one compiled kernel, `shared.data.cpu_views`).
+same crop everywhere. Here the draws are made per image (`MultiCrop.draw`), and each step is
+a function of the batch and those draws, tested against torchvision's functional op with
+the same parameters. The same code runs in the CPU data-loader workers (uint8 crops, like
+PIL, through torch's SIMD path) or on the GPU after the uint8 batch is transferred.
 """
 
 from __future__ import annotations
@@ -17,15 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.data.cpu_views import advise_huge_pages, finish_views_
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma (torchvision's rgb_to_grayscale)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma (PIL's; torchvision's is 0.2989)
 BLUR_SIGMA = (0.1, 2.0)  # DINO's blur radius range for 224 px crops
 
 
@@ -55,19 +47,18 @@ def _bernoulli(n: int, p: float, device, generator=None) -> torch.Tensor:
 
 
 def _on_subset(x: torch.Tensor, apply: torch.Tensor, fn) -> torch.Tensor:
-    """`fn(x[i], i)` for the images drawn (`apply[i]`), the rest untouched.
+    """`fn(x[idx], idx)` for the images drawn (idx: where `apply`), the rest untouched.
 
-    Computing only the chosen images, instead of all then selecting with `where`, saves most
-    of the work of rare steps (blur p 0.1 on global view 2, solarize p 0.2).
+    Computing only the chosen images saves most of the work of rare steps (blur p 0.1 on
+    global view 2, solarize p 0.2); index_select / index_copy are several times faster on
+    the CPU than boolean indexing.
     """
     idx = apply.flatten().nonzero().flatten()
     if len(idx) == 0:
         return x
     if len(idx) == len(x):
         return fn(x, idx)
-    out = x.clone()
-    out[idx] = fn(x[idx], idx)
-    return out
+    return x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
 
 
 def random_resized_crop_boxes(
@@ -105,23 +96,18 @@ def random_resized_crop_boxes(
 
 
 def resized_crops(
-    x: torch.Tensor,
-    boxes: torch.Tensor,
-    size: int,
-    flip: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Each image's box [n, 4] resized to size x size, mirrored where `flip` [n] is set.
 
     Bilinear with antialiasing, torchvision's `resized_crop` (a triangle filter as wide as the
     shrink factor, so shrinking averages like PIL; enlarging is plain bilinear). One call per
     image: boxes differ in size. uint8 images on the CPU take torch's SIMD uint8 path (about
-    10x faster than float, and the result is rounded to uint8 as PIL's is); pass them
-    channels-last to save a conversion per image. `out` (any dtype, e.g. float for uint8
-    crops) receives the views; by default they are new tensors of x's dtype.
+    10x faster than float, rounded to uint8 as PIL is); pass them channels-last to save a
+    conversion per image. The views have x's dtype.
     """
     n, c = x.shape[:2]
-    out = x.new_empty(n, c, size, size) if out is None else out
+    out = x.new_empty(n, c, size, size)
     flips = flip.tolist() if flip is not None else [False] * n
     for i, ((x1, y1, x2, y2), mirror) in enumerate(zip(boxes.tolist(), flips, strict=True)):
         y = F.interpolate(
@@ -136,11 +122,7 @@ def resized_crops(
 
 
 def subpixel_crops(
-    x: torch.Tensor,
-    boxes: torch.Tensor,
-    size: int,
-    flip: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Each image's continuous box [n, 4] (float) resampled to size x size, mirrored where
     `flip` [n] is set; float32 views (uint8 images keep their 0-255 scale).
@@ -154,26 +136,12 @@ def subpixel_crops(
     from torchvision.ops import roi_align  # only this path needs it
 
     n = x.shape[0]
-    xf = x.float().contiguous()
     index = torch.arange(n, device=x.device, dtype=torch.float32)[:, None]
     rois = torch.cat([index, boxes.to(device=x.device, dtype=torch.float32)], 1)
-    y = roi_align(xf, rois, output_size=(size, size), sampling_ratio=0, aligned=True)
+    y = roi_align(x.float().contiguous(), rois, (size, size), sampling_ratio=0, aligned=True)
     if flip is not None and bool(flip.any()):
         y = torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
-
-
-def random_resized_crop(
-    x: torch.Tensor, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None
-) -> torch.Tensor:
-    """Crop a different random box from every image and resize it to `size` (`resized_crops`);
-    the result has x's dtype (uint8 stays uint8)."""
-    b, _, h, w = x.shape
-    boxes = random_resized_crop_boxes(b, h, w, scale, ratio, x.device, generator)
-    return resized_crops(_fast_layout(x), boxes, size)
+    return y
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
@@ -181,11 +149,6 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.uint8 and x.device.type == "cpu":
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def random_hflip(x: torch.Tensor, p: float = 0.5, generator=None) -> torch.Tensor:
-    flip = _bernoulli(x.shape[0], p, x.device, generator).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -207,81 +170,73 @@ def _hue_matrix(angle: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(yiq) @ rot @ yiq
 
 
-def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Hue shift by rotating chroma in YIQ space (angle in radians, per image)."""
-    return torch.einsum("bij,bjhw->bihw", _hue_matrix(angle), x)
-
-
 def color_jitter(
-    x: torch.Tensor,
-    brightness=0.4,
-    contrast=0.4,
-    saturation=0.2,
-    hue=0.1,
-    p=0.8,
-    generator=None,
+    x: torch.Tensor, u: torch.Tensor, strength: tuple, apply: torch.Tensor
 ) -> torch.Tensor:
-    """Per-image brightness, contrast, saturation, hue factors (fixed order), applied with p."""
-    b = x.shape[0]
-    dev = x.device
-    u_all = torch.rand(b, 4, device=dev, generator=generator) * 2 - 1
-    apply = _bernoulli(b, p, dev, generator)
+    """Brightness, contrast, saturation and hue of the images where `apply` [B], in that
+    fixed order, each clamped to [0, 1]; u [B, 4] in [-1, 1], `strength` 4 floats.
+
+    Brightness, contrast, saturation: torchvision's `adjust_*` with factor 1 + strength * u
+    (contrast blends with the mean luma, saturation with each pixel's luma). Hue: chroma
+    rotated in YIQ space by strength * u turns (a linear stand-in for torchvision's HSV
+    shift, which keeps luma). A zero strength skips its step.
+    """
+    bri, con, sat, hue = strength
 
     def jitter(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        u = u_all[idx]
-        y = (y * (1 + brightness * u[:, 0]).view(-1, 1, 1, 1)).clamp(0, 1)
-        mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = ((y - mean) * (1 + contrast * u[:, 1]).view(-1, 1, 1, 1) + mean).clamp(0, 1)
-        g = _gray(y)
-        y = ((y - g) * (1 + saturation * u[:, 2]).view(-1, 1, 1, 1) + g).clamp(0, 1)
-        return _rotate_hue(y, u[:, 3] * hue * 2 * math.pi).clamp(0, 1)
+        f = u.index_select(0, idx).to(y.dtype)
+        factor = [(1 + s * f[:, k]).view(-1, 1, 1, 1) for k, s in enumerate(strength)]
+        if bri:
+            y = (y * factor[0]).clamp_(0, 1)
+        if con:
+            w = torch.tensor(GRAY_WEIGHTS, device=y.device, dtype=y.dtype)
+            mean = (y.mean((2, 3)) * w).sum(1).view(-1, 1, 1, 1)
+            y = (y * factor[1]).add_(mean * (1 - factor[1])).clamp_(0, 1)
+        if sat:
+            y = (y * factor[2]).add_(_gray(y) * (1 - factor[2])).clamp_(0, 1)
+        if hue:
+            m = _hue_matrix(f[:, 3] * hue * 2 * math.pi)
+            y = torch.bmm(m, y.flatten(2)).view_as(y).clamp_(0, 1)
+        return y
 
-    return _on_subset(x, apply, jitter)
+    return _on_subset(x, apply, jitter) if any(strength) else x
 
 
-def random_grayscale(x: torch.Tensor, p: float = 0.2, generator=None) -> torch.Tensor:
-    apply = _bernoulli(x.shape[0], p, x.device, generator)
-    return _on_subset(x, apply, lambda y, _: _gray(y).expand_as(y))
+def grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """The images where `apply` [B] turned to their luma on all three channels."""
+    return _on_subset(x, apply, lambda y, _: _gray(y).expand_as(y).contiguous())
 
 
-def _blur_kernels(
-    sigma_u: torch.Tensor, size: int, sigma, dtype
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """`gaussian_blur`'s per-image 1-D kernels [B, 2R + 1], their radii r [B] and R = max.
+def blur_sigmas(u: torch.Tensor, size: int, sigma=BLUR_SIGMA) -> torch.Tensor:
+    """Blur sigmas ~ U(sigma) from u ~ U(0, 1), scaled by size / 224.
 
-    Each image's kernel is cut at its own radius r = ceil(3 sigma) (zero beyond, then
-    normalised), as torchvision's kernel of size 2r + 1 is: a small sigma costs few taps.
+    DINO blurs 224 px crops with radius U(0.1, 2); a smaller crop gets a proportionally
+    smaller sigma, so the blur covers the same fraction of the image.
     """
-    s = sigma[0] + (sigma[1] - sigma[0]) * sigma_u
-    s = (s * size / 224).clamp(min=1e-3)
-    radius = max(1, int(math.ceil(3 * sigma[1] * size / 224)))
-    radii = torch.ceil(3 * s).clamp(1, radius).long()
-    t = torch.arange(-radius, radius + 1, device=sigma_u.device, dtype=dtype)
-    k = torch.exp(-(t[None] ** 2) / (2 * s[:, None].to(dtype) ** 2))
-    k = k * (t[None].abs() <= radii[:, None])
-    return k / k.sum(1, keepdim=True), radii, radius
+    s = sigma[0] + (sigma[1] - sigma[0]) * u
+    return (s * size / 224).clamp(min=1e-3)
 
 
-def _blur_each(y: torch.Tensor, k: torch.Tensor, radii: torch.Tensor, radius: int):
-    """`_blur` of every image with its own kernel row of k [n, 2R + 1] cut to its radius:
-    one pass per distinct radius. Returns a new tensor."""
-    groups = radii.unique().tolist()
-    if len(groups) == 1:
-        r = groups[0]
-        return _blur(y, k[:, radius - r : radius + r + 1], r)
-    out = torch.empty_like(y)
-    for r in groups:
-        idx = (radii == r).nonzero().flatten()
-        taps = k.index_select(0, idx)[:, radius - r : radius + r + 1]
-        out.index_copy_(0, idx, _blur(y.index_select(0, idx), taps, r))
-    return out
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """The images where `apply` [B] blurred, each with its own sigma [B]: torchvision's
+    `gaussian_blur` with a kernel of 2 ceil(3 sigma) + 1 taps and reflect padding."""
+
+    def blur(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        s = sigma.index_select(0, idx).to(y.dtype)[:, None]
+        radii = torch.ceil(3 * s).clamp(min=1)
+        r = int(radii.max())  # shorter kernels are zero beyond their own radius
+        t = torch.arange(-r, r + 1, device=y.device, dtype=y.dtype)
+        k = torch.exp(-(t**2) / (2 * s**2)) * (t.abs() <= radii)
+        return _blur(y, k / k.sum(1, keepdim=True), r)
+
+    return _on_subset(x, apply, blur)
 
 
 def _blur(y: torch.Tensor, k: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable blur of y [n, c, h, w] with per-image kernels k [n, 2r + 1], reflect padding.
 
-    Shifted multiply-adds, one per tap and axis: the same sums in the same order as a
-    grouped conv2d with one kernel per (image, channel), about twice as fast on the CPU.
+    Shifted multiply-adds, one per tap and axis: the same sums as a grouped conv2d with one
+    kernel per (image, channel), about twice as fast on the CPU.
     """
     n, _, h, w = y.shape
     taps = k.view(n, 1, 1, 1, -1)
@@ -296,28 +251,8 @@ def _blur(y: torch.Tensor, k: torch.Tensor, radius: int) -> torch.Tensor:
     return out
 
 
-def gaussian_blur(
-    x: torch.Tensor, p: float, sigma=BLUR_SIGMA, kernel_frac: float = 0.1, generator=None
-) -> torch.Tensor:
-    """Per-image Gaussian blur, sigma ~ U(sigma), applied with probability p.
-
-    DINO blurs 224 px crops with radius U(0.1, 2); for smaller crops sigma is scaled by
-    size / 224 so the blur covers the same fraction of the image. Each image's kernel spans
-    +-ceil(3 sigma) pixels (torchvision's `gaussian_blur` at that kernel size, reflect
-    padding).
-    """
-    if p <= 0:
-        return x
-    apply = _bernoulli(x.shape[0], p, x.device, generator)
-    u = torch.rand(x.shape[0], device=x.device, generator=generator)
-    k, radii, radius = _blur_kernels(u, x.shape[-2], sigma, x.dtype)
-    return _on_subset(x, apply, lambda y, idx: _blur_each(y, k[idx], radii[idx], radius))
-
-
-def random_solarize(x: torch.Tensor, p: float, threshold: float = 0.5, generator=None):
-    if p <= 0:
-        return x
-    apply = _bernoulli(x.shape[0], p, x.device, generator)
+def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The images where `apply` [B] solarized: values >= threshold inverted (torchvision's)."""
     return _on_subset(x, apply, lambda y, _: torch.where(y >= threshold, 1 - y, y))
 
 
@@ -333,73 +268,71 @@ class ViewRecipe:
 
 @dataclass
 class ViewDraw:
-    """Every random draw of one view for a batch, taken in the order the per-op functions
-    above take them (crop, flip, jitter, grayscale, blur, solarize), so one generator state
-    gives the same view either way."""
+    """Every random draw of one view for a batch, in the order the steps run (crop, flip,
+    jitter, grayscale, blur, solarize)."""
 
     boxes: torch.Tensor  # [B, 4] x1, y1, x2, y2
     flip: torch.Tensor  # [B] bool
     jitter_u: torch.Tensor  # [B, 4] in [-1, 1]: brightness, contrast, saturation, hue
     jitter: torch.Tensor  # [B] bool
-    gray: torch.Tensor  # [B] bool
+    gray: torch.Tensor | None  # [B] bool; None: not drawn (TrainTransform)
     blur: torch.Tensor | None  # [B] bool, None when the recipe never blurs
     sigma_u: torch.Tensor | None  # [B] in [0, 1)
     solarize: torch.Tensor | None  # [B] bool
 
 
-# CPU views are finished in chunks of about this many floats (4 MiB): a chunk stays in the
-# cache through all of its in-place steps, where whole-batch temporaries of a 224 px view
-# (~38 MB) would stream through memory once per step and be page-faulted in afresh (glibc
-# hands blocks that large straight back to the OS).
-_CPU_CHUNK_FLOATS = 1 << 20
+def draw_view(
+    b: int,
+    h: int,
+    w: int,
+    scale,
+    flip_p: float,
+    jitter_p: float,
+    grayscale_p: float | None,
+    blur_p: float = 0.0,
+    solarize_p: float = 0.0,
+    whole_pixels: bool = True,
+    device=None,
+    generator=None,
+) -> ViewDraw:
+    """All random choices (a `ViewDraw`) of one view for b images of h x w pixels.
 
-
-def _new_output(shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """An empty output tensor; inside a DataLoader worker, in shared memory (as default_collate
-    allocates its batches), so handing it to the main process copies nothing; elsewhere on the
-    CPU, on huge pages where the OS allows (`advise_huge_pages`)."""
-    if like.device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
-        numel = math.prod(shape)
-        storage = like.untyped_storage()._new_shared(numel * like.element_size())
-        return like.new_empty(0).set_(storage).view(shape)
-    out = like.new_empty(shape)
-    if out.device.type == "cpu":
-        advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    return out
-
-
-def _sat_matrix(s: torch.Tensor) -> torch.Tensor:
-    """Per-image 3x3 colour matrix of saturation factor s: s * y + (1 - s) * gray(y)."""
-    w = torch.tensor(GRAY_WEIGHTS, device=s.device, dtype=s.dtype)
-    eye = torch.eye(3, device=s.device, dtype=s.dtype)
-    return s.view(-1, 1, 1) * eye + (1 - s).view(-1, 1, 1) * w.expand(3, 3)
-
-
-def _apply_colour_matrix_(y: torch.Tensor, m: torch.Tensor, buf: torch.Tensor) -> None:
-    """y <- clamp(m @ y) per pixel, m [n, 3, 3]; `buf` is scratch of y's size."""
-    n = y.shape[0]
-    torch.bmm(m, y.view(n, 3, -1), out=buf.view(n, 3, -1))
-    torch.clamp(buf, 0, 1, out=y)
-
-
-def _cpu_finish_args(d, bright, contrast, matrices, blur, b: int) -> dict:
-    """`finish_views_`'s per-image parameters, numpy, each indexed by image (empty where a
-    step is off). blur: (kernels, radii) of the view's blur, None when it never blurs."""
-    empty = np.zeros(0, np.float32)
-    kernels, radii = (
-        blur if blur is not None else (torch.ones(b, 1), torch.zeros(b, dtype=torch.long))
+    grayscale_p None draws no grayscale flags; a zero blur_p / solarize_p draws nothing for
+    that step. One generator state therefore gives one set of views.
+    """
+    dev, gen = device, generator
+    boxes = random_resized_crop_boxes(
+        b, h, w, scale, device=dev, generator=gen, whole_pixels=whole_pixels
     )
-    return {
-        "jitter": d.jitter.numpy(),
-        "bright": empty if bright is None else bright.flatten().numpy(),
-        "contrast": empty if contrast is None else contrast.flatten().numpy(),
-        "matrices": (torch.stack(matrices, 1) if matrices else torch.zeros(b, 0, 3, 3)).numpy(),
-        "gray": d.gray.numpy(),
-        "blur": np.zeros(b, bool) if d.blur is None else d.blur.numpy(),
-        "kernels": kernels.numpy(),
-        "radii": radii.numpy(),
-        "solarize": np.zeros(b, bool) if d.solarize is None else d.solarize.numpy(),
-    }
+    flip = _bernoulli(b, flip_p, dev, gen)
+    jitter_u = torch.rand(b, 4, device=dev, generator=gen) * 2 - 1
+    jitter = _bernoulli(b, jitter_p, dev, gen)
+    gray = None if grayscale_p is None else _bernoulli(b, grayscale_p, dev, gen)
+    blur = sigma_u = solar = None
+    if blur_p > 0:
+        blur = _bernoulli(b, blur_p, dev, gen)
+        sigma_u = torch.rand(b, device=dev, generator=gen)
+    if solarize_p > 0:
+        solar = _bernoulli(b, solarize_p, dev, gen)
+    return ViewDraw(boxes, flip, jitter_u, jitter, gray, blur, sigma_u, solar)
+
+
+def apply_view(
+    src: torch.Tensor, d: ViewDraw, size: int, jitter: tuple, mean, std, subpixel: bool = False
+) -> torch.Tensor:
+    """The view of `src` [B, 3, H, W] (uint8, or float in [0, 1]) that the draws `d` give:
+    crop (flip folded in), colour jitter, grayscale, blur, solarize, normalise."""
+    crop = subpixel_crops if subpixel else resized_crops
+    y = crop(src, d.boxes, size, d.flip).float()
+    y = y.div_(255.0) if src.dtype == torch.uint8 else y
+    y = color_jitter(y, d.jitter_u, jitter, d.jitter)
+    if d.gray is not None:
+        y = grayscale(y, d.gray)
+    if d.blur is not None:
+        y = gaussian_blur(y, blur_sigmas(d.sigma_u, size), d.blur)
+    if d.solarize is not None:
+        y = solarize(y, d.solarize)
+    return normalize(y, mean, std)
 
 
 class MultiCrop:
@@ -445,100 +378,16 @@ class MultiCrop:
         self.grayscale_p, self.mean, self.std = grayscale_p, mean, std
         self.n_global = 2
 
-    def draw(self, b: int, h: int, w: int, recipe: ViewRecipe, device, generator=None):
-        """All random choices (a `ViewDraw`) of one view for b images of h x w pixels."""
-        dev = device
-        boxes = random_resized_crop_boxes(
-            b, h, w, recipe.scale, device=dev, generator=generator,
-            whole_pixels=not self.subpixel_boxes,
-        )  # fmt: skip
-        flip = _bernoulli(b, self.flip_p, dev, generator)
-        jitter_u = torch.rand(b, 4, device=dev, generator=generator) * 2 - 1
-        jitter = _bernoulli(b, self.jitter_p, dev, generator)
-        gray = _bernoulli(b, self.grayscale_p, dev, generator)
-        blur = sigma_u = solarize = None
-        if recipe.blur_p > 0:
-            blur = _bernoulli(b, recipe.blur_p, dev, generator)
-            sigma_u = torch.rand(b, device=dev, generator=generator)
-        if recipe.solarize_p > 0:
-            solarize = _bernoulli(b, recipe.solarize_p, dev, generator)
-        return ViewDraw(boxes, flip, jitter_u, jitter, gray, blur, sigma_u, solarize)
-
     def view(self, src: torch.Tensor, recipe: ViewRecipe, generator=None) -> torch.Tensor:
-        """One view of a batch `src` [B, 3, H, W], uint8 or float in [0, 1] (see `__call__`):
-        the same result as `random_resized_crop`, `to_float`, `random_hflip`,
-        `color_jitter`, `random_grayscale`, `gaussian_blur`, `random_solarize`, `normalize`
-        in turn with the same generator (tested), in fewer passes: the flip is folded into
-        the crop, colour steps are per-image scalars and 3x3 matrices applied in place
-        (identity for images that did not draw jitter), rarer steps run on the images that
-        drew them only. On the CPU each chunk of images is cropped, then finished image by
-        image by the compiled `finish_views_` (every step while the image is in the cache);
-        elsewhere by the torch ops below, chunk by chunk."""
-        b, size, dev, dt = src.shape[0], recipe.size, src.device, torch.float32
-        d = self.draw(b, src.shape[2], src.shape[3], recipe, dev, generator)
-        bri, con, sat, hue = self.jitter
-        u, on, one = d.jitter_u.to(dt), d.jitter, torch.ones((), device=dev, dtype=dt)
-        bright = torch.where(on, 1 + bri * u[:, 0], one).view(-1, 1, 1, 1) if bri else None
-        contrast = torch.where(on, 1 + con * u[:, 1], one).view(-1, 1, 1, 1) if con else None
-        matrices = []  # saturation, then hue: each followed by a clamp to [0, 1]
-        if sat:
-            matrices.append(_sat_matrix(torch.where(on, 1 + sat * u[:, 2], one)))
-        if hue:  # hue 0 would be a rotation by 0: skipped
-            eye = torch.eye(3, device=dev, dtype=dt)
-            rot = _hue_matrix(u[:, 3] * hue * 2 * math.pi)
-            matrices.append(torch.where(on.view(-1, 1, 1), rot, eye))
-        if d.blur is not None:
-            kernels, radii, radius = _blur_kernels(d.sigma_u, size, BLUR_SIGMA, dt)
-        gray_w = torch.tensor(GRAY_WEIGHTS, device=dev, dtype=dt).view(1, 1, 3)
-        mean = torch.tensor(self.mean, device=dev, dtype=dt).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=dev, dtype=dt).view(1, 3, 1, 1)
-        per_image = 3 * size * size
-        chunk = b if dev.type != "cpu" else max(1, _CPU_CHUNK_FLOATS // per_image)
-        out = _new_output((b, 3, size, size), torch.empty(0, device=dev, dtype=dt))
-        torch_steps = matrices and dev.type != "cpu"
-        buf = out.new_empty(min(chunk, b), 3, size, size) if torch_steps else None
-        jitter_any = bool(on.any()) and any(self.jitter)
-
-        def drawn(flags: torch.Tensor) -> torch.Tensor:
-            return flags.nonzero().flatten()
-
-        if dev.type == "cpu":  # every step after the crop compiled, image by image
-            blur = (kernels, radii) if d.blur is not None else None
-            per_image = _cpu_finish_args(d, bright, contrast, matrices, blur, b)
-            fixed = {"gray_w": gray_w, "mean": mean, "std": std}
-            fixed = {k: v.flatten().numpy() for k, v in fixed.items()}
-        crop = subpixel_crops if self.subpixel_boxes else resized_crops
-        for lo in range(0, b, chunk):
-            sl = slice(lo, min(lo + chunk, b))
-            y = crop(src[sl], d.boxes[sl], size, d.flip[sl], out[sl])
-            if dev.type == "cpu":
-                part = {k: v[sl] for k, v in per_image.items()}
-                finish_views_(y.numpy(), src.dtype == torch.uint8, **part, **fixed)
-                continue
-            if src.dtype == torch.uint8:
-                y.div_(255.0)  # `to_float` of the uint8 crop
-            if jitter_any and bool(on[sl].any()):
-                if bright is not None:
-                    y.mul_(bright[sl]).clamp_(0, 1)
-                if contrast is not None:
-                    c = contrast[sl]
-                    m = (y.mean((2, 3)) * gray_w[0]).sum(1).view(-1, 1, 1, 1)
-                    y.mul_(c).add_(m * (1 - c)).clamp_(0, 1)
-                for mat in matrices:
-                    _apply_colour_matrix_(y, mat[sl], buf[: len(y)])
-            # index_select / index_copy_ rather than y[idx]: several times faster
-            if len(idx := drawn(d.gray[sl])):
-                g = torch.matmul(gray_w, y.index_select(0, idx).view(len(idx), 3, -1))
-                y.index_copy_(0, idx, g.view(-1, 1, size, size).expand(-1, 3, -1, -1))
-            if d.blur is not None and len(idx := drawn(d.blur[sl])):
-                k, r = kernels[sl].index_select(0, idx), radii[sl].index_select(0, idx)
-                z = _blur_each(y.index_select(0, idx), k, r, radius)
-                y.index_copy_(0, idx, z)
-            if d.solarize is not None and len(idx := drawn(d.solarize[sl])):
-                z = y.index_select(0, idx)
-                y.index_copy_(0, idx, torch.where(z >= 0.5, 1 - z, z))
-            y.sub_(mean).div_(std)
-        return out
+        """One view of a batch `src` [B, 3, H, W], uint8 or float in [0, 1]."""
+        d = draw_view(
+            src.shape[0], src.shape[2], src.shape[3], recipe.scale, self.flip_p,
+            self.jitter_p, self.grayscale_p, recipe.blur_p, recipe.solarize_p,
+            whole_pixels=not self.subpixel_boxes, device=src.device, generator=generator,
+        )  # fmt: skip
+        return apply_view(
+            src, d, recipe.size, self.jitter, self.mean, self.std, self.subpixel_boxes
+        )
 
     @no_autocast
     def __call__(self, images: torch.Tensor, generator=None) -> list[torch.Tensor]:
@@ -582,7 +431,8 @@ class TrainTransform:
 
     @no_autocast
     def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        x = to_float(random_resized_crop(images, self.size, self.scale, generator=generator))
-        x = random_hflip(x, self.flip_p, generator)
-        x = color_jitter(x, *self.jitter, p=self.jitter_p, generator=generator)
-        return normalize(x, self.mean, self.std)
+        b, _, h, w = images.shape
+        d = draw_view(b, h, w, self.scale, self.flip_p, self.jitter_p, None,
+                      device=images.device, generator=generator)  # fmt: skip
+        src = _fast_layout(images) if images.device.type == "cpu" else to_float(images)
+        return apply_view(src, d, self.size, self.jitter, self.mean, self.std)

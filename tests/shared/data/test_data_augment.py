@@ -1,4 +1,5 @@
-"""Batch augmentations against torchvision / torch references, and per-image randomness."""
+"""Batch augmentations against torchvision's functional ops with the same parameters, and
+the statistics of the per-image random draws."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from shared.data import augment as A
 
 MEAN, STD = torch.tensor(A.IMAGENET_MEAN), torch.tensor(A.IMAGENET_STD)
+BILINEAR = TF.InterpolationMode.BILINEAR
+# Our luma weights are PIL's (0.299, 0.587, 0.114), torchvision's 0.2989 for red: a luma
+# differs by at most 1e-4, so a step that uses luma (grayscale; contrast and saturation,
+# scaled by |1 - factor| <= 1) differs from torchvision's by at most 1e-4, float32 rounding
+# (~1e-7 a step) aside.
+LUMA_ATOL = 1e-4
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -30,30 +36,14 @@ def _denorm(y: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
 # --- crops -------------------------------------------------------------------------------
 
 
-def test_identical_images_get_different_crops():
-    x = _rand(1, 3, 24, 24).expand(6, -1, -1, -1).contiguous()
-    y = A.random_resized_crop(x, 12, generator=_gen(1))
-    assert y.shape == (6, 3, 12, 12)
-    flat = y.flatten(1)
-    assert torch.cdist(flat, flat).triu(1)[torch.ones(6, 6).triu(1).bool()].min() > 1e-3
-    again = A.random_resized_crop(x, 12, generator=_gen(1))
-    assert torch.equal(y, again)  # the generator fixes every draw
-
-
 @pytest.mark.parametrize("size", [8, 16, 24, 40])
-def test_full_crop_is_antialiased_bilinear_resize(size):
-    """scale (1, 1), ratio (1, 1): the box is the image, so the crop is a plain resize."""
+def test_whole_image_box_is_antialiased_bilinear_resize(size):
     x = _rand(3, 3, 16, 16)
-    y = A.random_resized_crop(x, size, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=_gen())
-    ref = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    y = A.resized_crops(x, torch.tensor([[0, 0, 16, 16]] * 3), size)
+    ref = TF.resize(x, [size, size], interpolation=BILINEAR, antialias=True)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=0)
     if size == 16:
         torch.testing.assert_close(y, x, atol=1e-6, rtol=0)  # same size: the identity
-    if size == 8:  # halving averages a 4-pixel triangle window per axis (1, 3, 3, 1) / 8
-        w = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
-        pad = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        manual = torch.einsum("ncyxab,a,b->ncyx", pad.unfold(2, 4, 2).unfold(3, 4, 2), w, w)
-        torch.testing.assert_close(y[..., 1:-1, 1:-1], manual[..., 1:-1, 1:-1], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
@@ -190,62 +180,90 @@ def test_subpixel_boxes_are_the_whole_pixel_draws_unrounded():
     assert frac.std() > 0.25
 
 
-def test_hflip_per_image():
-    x = _rand(1, 3, 5, 7).expand(64, -1, -1, -1)
-    y = A.random_hflip(x, 0.5, generator=_gen(3))
-    flipped = (y == x.flip(-1)).flatten(1).all(1)
-    kept = (y == x).flatten(1).all(1)
-    assert (flipped ^ kept).all() and 10 < flipped.sum() < 54
-    assert torch.equal(A.random_hflip(x, 1.0), x.flip(-1))
-    assert torch.equal(A.random_hflip(x, 0.0), x)
-
-
 # --- colour ------------------------------------------------------------------------------
 
-
-def test_grayscale_matches_torchvision():
-    x = _rand(4, 3, 9, 9)
-    y = A.random_grayscale(x, p=1.0)
-    ref = TF.rgb_to_grayscale(x, num_output_channels=3)  # ITU-R 601-2 luma
-    torch.testing.assert_close(y, ref, atol=1e-3, rtol=0)
-    assert torch.equal(y[:, 0], y[:, 2])
-    assert torch.equal(A.random_grayscale(x, p=0.0), x)
+STEPS = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}
 
 
-def test_solarize_matches_torchvision():
-    x = _rand(4, 3, 9, 9)
-    x[0, 0, 0, 0] = 0.5  # on the threshold: inverted, as in torchvision
-    y = A.random_solarize(x, p=1.0)
-    assert torch.equal(y, TF.solarize(x, threshold=0.5))
-    assert torch.equal(A.random_solarize(x, p=1.0, threshold=0.3), TF.solarize(x, 0.3))
-    assert torch.equal(A.random_solarize(x, p=0.0), x)
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_color_jitter_step_equals_torchvision_adjust(step):
+    """One step on (0.5 strength): each drawn image is torchvision's adjust_* with factor
+    1 + 0.5 u; the others are returned untouched."""
+    x = _rand(12, 3, 9, 11, seed=step)
+    u = _rand(12, 4, seed=10 + step) * 2 - 1
+    apply = torch.arange(12) % 3 != 0
+    strength = tuple(0.5 if k == step else 0.0 for k in range(4))
+    y = A.color_jitter(x, u, strength, apply)
+    atol = 1e-6 if step == 0 else LUMA_ATOL  # brightness is a product: rounding only
+    for i in range(12):
+        if not apply[i]:
+            assert torch.equal(y[i], x[i])
+            continue
+        ref = STEPS[step](x[i], 1 + 0.5 * u[i, step].item())
+        torch.testing.assert_close(y[i], ref, atol=atol, rtol=0)
+
+
+def test_color_jitter_applies_its_steps_in_order():
+    x = _rand(6, 3, 8, 8, seed=3)
+    u = _rand(6, 4, seed=4) * 2 - 1
+    y = A.color_jitter(x, u, (0.4, 0.4, 0.2, 0.0), torch.ones(6, dtype=torch.bool))
+    for i in range(6):
+        ref = x[i]
+        for k, s in enumerate((0.4, 0.4, 0.2)):
+            ref = STEPS[k](ref, 1 + s * u[i, k].item())
+        torch.testing.assert_close(y[i], ref, atol=2 * LUMA_ATOL, rtol=0)
+
+
+def _hue_reference(x: torch.Tensor, turns: float) -> torch.Tensor:
+    """Chroma (I + iQ in YIQ) times exp(2 pi i turns), in float64, clamped to [0, 1]."""
+    yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    c = np.einsum("ij,jhw->ihw", yiq, x.double().numpy())
+    chroma = (c[1] + 1j * c[2]) * np.exp(2j * np.pi * turns)
+    c = np.stack([c[0], chroma.real, chroma.imag])
+    return torch.from_numpy(np.einsum("ij,jhw->ihw", np.linalg.inv(yiq), c).clip(0, 1))
+
+
+def test_color_jitter_hue_rotates_chroma_and_keeps_luma():
+    """Hue (YIQ rotation, not torchvision's HSV shift) against a complex-number reference."""
+    x = _rand(8, 3, 6, 6) * 0.6 + 0.2
+    u = _rand(8, 4, seed=5) * 2 - 1
+    y = A.color_jitter(x, u, (0.0, 0.0, 0.0, 0.5), torch.ones(8, dtype=torch.bool))
+    for i in range(8):
+        ref = _hue_reference(x[i], 0.5 * u[i, 3].item()).float()
+        torch.testing.assert_close(y[i], ref, atol=1e-5, rtol=0)  # float32 matrices
+    inside = ((y > 1e-4) & (y < 1 - 1e-4)).all(1, keepdim=True)  # unclamped pixels
+    torch.testing.assert_close(A._gray(y)[inside], A._gray(x)[inside], atol=1e-5, rtol=0)
+    assert (y - x).abs().amax() > 0.05
 
 
 def test_color_jitter_zero_strength_is_identity():
     x = _rand(5, 3, 8, 8)
-    y = A.color_jitter(x, 0.0, 0.0, 0.0, 0.0, p=1.0, generator=_gen())
-    torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
-    assert torch.equal(A.color_jitter(x, p=0.0, generator=_gen()), x)
+    assert A.color_jitter(x, _rand(5, 4), (0.0,) * 4, torch.ones(5, dtype=torch.bool)) is x
 
 
-def test_color_jitter_brightness_is_a_per_image_factor():
-    x = _rand(16, 3, 6, 6) * 0.5 + 0.1  # stays below 1 after x1.5: no clamping
-    y = A.color_jitter(x, 0.5, 0.0, 0.0, 0.0, p=1.0, generator=_gen(4))
-    ratio = (y / x).flatten(1)
-    factor = ratio.mean(1)
-    torch.testing.assert_close(ratio, factor[:, None].expand_as(ratio), atol=1e-4, rtol=0)
-    assert factor.min() >= 0.5 - 1e-4 and factor.max() <= 1.5 + 1e-4
-    assert factor.std() > 0.1  # drawn per image
+def test_grayscale_equals_torchvision():
+    x = _rand(4, 3, 9, 9)
+    apply = torch.tensor([True, False, True, True])
+    y = A.grayscale(x, apply)
+    ref = TF.rgb_to_grayscale(x, num_output_channels=3)
+    torch.testing.assert_close(y[apply], ref[apply], atol=LUMA_ATOL, rtol=0)
+    assert torch.equal(y[1], x[1]) and torch.equal(y[apply, 0], y[apply, 2])
 
 
-def test_color_jitter_hue_keeps_luma_and_stays_in_range():
-    x = _rand(8, 3, 6, 6) * 0.6 + 0.2
-    y = A.color_jitter(x, 0.0, 0.0, 0.0, 0.5, p=1.0, generator=_gen(5))
-    assert y.min() >= 0 and y.max() <= 1
-    luma = TF.rgb_to_grayscale(x)
-    inside = ((y > 1e-4) & (y < 1 - 1e-4)).all(1, keepdim=True)  # unclamped pixels
-    torch.testing.assert_close(A._gray(y)[inside], luma[inside], atol=2e-3, rtol=0)
-    assert (y - x).abs().amax() > 0.05
+def test_solarize_equals_torchvision():
+    x = _rand(4, 3, 9, 9)
+    x[0, 0, 0, 0] = 0.5  # on the threshold: inverted, as in torchvision
+    apply = torch.tensor([True, True, False, True])
+    y = A.solarize(x, apply)
+    assert torch.equal(y[apply], TF.solarize(x[apply], threshold=0.5))
+    assert torch.equal(y[2], x[2])
+    assert torch.equal(A.solarize(x, torch.ones(4, dtype=torch.bool), 0.3), TF.solarize(x, 0.3))
+
+
+def test_normalize_equals_torchvision():
+    x = _rand(2, 3, 5, 5)
+    ref = TF.normalize(x, list(A.IMAGENET_MEAN), list(A.IMAGENET_STD))
+    torch.testing.assert_close(A.normalize(x), ref, atol=1e-6, rtol=0)
 
 
 # --- blur --------------------------------------------------------------------------------
@@ -253,52 +271,138 @@ def test_color_jitter_hue_keeps_luma_and_stays_in_range():
 
 def test_blur_keeps_constant_image():
     x = torch.full((3, 3, 32, 32), 0.3)
-    y = A.gaussian_blur(x, p=1.0, generator=_gen())
+    y = A.gaussian_blur(x, torch.tensor([0.5, 1.0, 2.0]), torch.ones(3, dtype=torch.bool))
     torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
 
 
-def test_blur_impulse_response():
+def test_blur_impulse_response_is_symmetric_and_sums_to_one():
     x = torch.zeros(2, 1, 224, 224)
     x[:, :, 112, 112] = 1.0
-    y = A.gaussian_blur(x, p=1.0, sigma=(0.1, 2.0), generator=_gen(6))
+    y = A.gaussian_blur(x, torch.tensor([0.7, 1.9]), torch.ones(2, dtype=torch.bool))
     torch.testing.assert_close(y.sum((1, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
     patch = y[:, :, 100:125, 100:125]  # centred on the impulse
     torch.testing.assert_close(patch, patch.flip(-1), atol=1e-7, rtol=0)
     torch.testing.assert_close(patch, patch.flip(-2), atol=1e-7, rtol=0)
     torch.testing.assert_close(patch, patch.transpose(-1, -2), atol=1e-7, rtol=0)
-    assert not torch.allclose(y[0], y[1])  # each image draws its own sigma
 
 
-def test_blur_matches_torchvision_kernel():
-    """At 224 px and a fixed sigma, the blur is torchvision's separable Gaussian (radius 3
-    sigma, reflect padding)."""
-    x = _rand(2, 3, 224, 224)
-    y = A.gaussian_blur(x, p=1.0, sigma=(1.5, 1.5))
-    radius = math.ceil(3 * 1.5)
-    ref = TF.gaussian_blur(x, kernel_size=[2 * radius + 1] * 2, sigma=[1.5, 1.5])
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
-    assert torch.equal(A.gaussian_blur(x, p=0.0), x)
-
-
-def test_blur_per_image_sigma_and_radius_match_torchvision():
-    """Each image blurred with its own drawn sigma, kernel cut at ceil(3 sigma): torchvision's
-    blur at that sigma and kernel size, image by image (some images skipped by p)."""
-    x = _rand(12, 3, 96, 96, seed=3)
-    y = A.gaussian_blur(x, p=0.7, sigma=(0.1, 2.0), generator=_gen(4))
-    g = _gen(4)  # the draws, in gaussian_blur's order: apply, then sigma
-    apply = torch.rand(12, generator=g) < 0.7
-    sigma = (0.1 + 1.9 * torch.rand(12, generator=g)) * 96 / 224
-    assert 0 < apply.sum() < 12 and len(set(torch.ceil(3 * sigma).tolist())) > 1
+def test_blur_per_image_sigma_equals_torchvision():
+    """Each drawn image blurred with its own sigma, kernel cut at ceil(3 sigma) (radii from 1
+    to 6 in one batch): torchvision's blur at that sigma and kernel size, image by image."""
+    x = _rand(12, 3, 40, 40, seed=3)
+    sigma = torch.tensor([0.05, 0.2, 0.33, 0.4, 0.7, 1.0, 1.2, 1.5, 1.7, 1.9, 0.9, 0.3])
+    apply = torch.arange(12) % 4 != 1
+    y = A.gaussian_blur(x, sigma, apply)
     for i in range(12):
         if not apply[i]:
             assert torch.equal(y[i], x[i])
             continue
-        s, r = sigma[i].item(), max(1, math.ceil(3 * sigma[i].item()))
+        s = sigma[i].item()
+        r = max(1, math.ceil(3 * s))
         ref = TF.gaussian_blur(x[i], kernel_size=[2 * r + 1] * 2, sigma=[s, s])
-        torch.testing.assert_close(y[i], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(y[i], ref, atol=1e-6, rtol=0)
 
 
-# --- views -------------------------------------------------------------------------------
+def test_blur_sigmas_scale_dino_range_by_crop_size():
+    u = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(A.blur_sigmas(u, 224), torch.tensor([0.1, 1.05, 2.0]))
+    torch.testing.assert_close(A.blur_sigmas(u, 112), torch.tensor([0.05, 0.525, 1.0]))
+
+
+# --- the random draws --------------------------------------------------------------------
+
+
+def test_draws_follow_their_probabilities():
+    n = 20000
+    d = A.draw_view(n, 40, 40, (0.05, 0.4), 0.5, 0.8, 0.2, 0.5, 0.2, generator=_gen(1))
+    tol = 4.5 * math.sqrt(0.25 / n)  # 4.5 binomial standard deviations at worst (p = 0.5)
+    for flags, p in ((d.flip, 0.5), (d.jitter, 0.8), (d.gray, 0.2), (d.blur, 0.5),
+                     (d.solarize, 0.2)):  # fmt: skip
+        assert flags.dtype == torch.bool and abs(flags.float().mean().item() - p) < tol
+    # flags drawn independently: the flip rate is the same among jittered images
+    assert abs(d.flip[d.jitter].float().mean().item() - 0.5) < 2 * tol
+    u = d.jitter_u
+    assert u.min() >= -1 and u.max() < 1 and abs(u.mean().item()) < 0.01
+    assert abs((u.abs() < 0.5).float().mean().item() - 0.5) < tol  # uniform on [-1, 1)
+    s = d.sigma_u
+    assert s.min() >= 0 and s.max() < 1 and abs(s.mean().item() - 0.5) < 0.01
+    none = A.draw_view(4, 40, 40, (0.05, 0.4), 0.5, 0.8, None, 0.0, 0.0)
+    assert none.gray is none.blur is none.sigma_u is none.solarize is None
+
+
+def test_identical_images_get_different_views():
+    images = (_rand(1, 3, 32, 32, seed=2) * 255).to(torch.uint8).expand(4, -1, -1, -1)
+    mc = A.MultiCrop(24, 12, 2)
+    views = mc(images.contiguous(), generator=_gen(8))
+    for v in views:  # one source image, four different augmentations
+        flat = v.flatten(1)
+        assert torch.cdist(flat, flat)[~torch.eye(4, dtype=torch.bool)].min() > 1e-3
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[2], views[3])
+    again = mc(images.contiguous(), generator=_gen(8))
+    assert all(torch.equal(a, b) for a, b in zip(views, again))  # the generator fixes all
+
+
+# --- whole views against torchvision ------------------------------------------------------
+
+
+def _torchvision_view(x, d: A.ViewDraw, i: int, size: int, jitter, mean, std):
+    """View i of `d` made by torchvision's functional ops (hue by `_hue_reference`), and the
+    pixels that went into solarize within 5e-4 of its threshold (where a luma difference of
+    LUMA_ATOL may flip them)."""
+    x1, y1, x2, y2 = d.boxes[i].tolist()
+    y = TF.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size], BILINEAR, antialias=True)
+    y = TF.horizontal_flip(y) if d.flip[i] else y
+    y = TF.to_dtype(y, torch.float32, scale=True)
+    if d.jitter[i]:
+        factors = [1 + s * d.jitter_u[i, k].item() for k, s in enumerate(jitter)]
+        for k in range(3):
+            y = STEPS[k](y, factors[k]) if jitter[k] else y
+        y = _hue_reference(y, factors[3] - 1).float() if jitter[3] else y
+    if d.gray is not None and d.gray[i]:
+        y = TF.rgb_to_grayscale(y, num_output_channels=3)
+    if d.blur is not None and d.blur[i]:
+        s = (0.1 + 1.9 * d.sigma_u[i].item()) * size / 224  # DINO's U(0.1, 2) at 224 px
+        r = max(1, math.ceil(3 * s))
+        y = TF.gaussian_blur(y, kernel_size=[2 * r + 1] * 2, sigma=[s, s])
+    near = torch.zeros_like(y, dtype=torch.bool)
+    if d.solarize is not None and d.solarize[i]:
+        near = (y - 0.5).abs() < 5e-4
+        y = TF.solarize(y, threshold=0.5)
+    return TF.normalize(y, list(mean), list(std)), near
+
+
+@pytest.mark.parametrize(
+    "sizes, kwargs",
+    [
+        ((40, 24, 16, 3), {}),  # official recipe; crops shrink and enlarge
+        ((40, 48, 20, 2), dict(jitter=(0.4, 0.4, 0.2, 0.0), grayscale_p=0.0)),  # repo config
+        ((32, 32, 12, 2), dict(jitter_p=1.0, grayscale_p=1.0, blur_p=(1.0,) * 3,
+                               solarize_p=1.0)),  # every step on every image
+        ((12, 2, 2, 1), dict(jitter_p=1.0, blur_p=(1.0,) * 3)),  # 2 px: the smallest blur
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("on_float", [False, True])
+def test_multicrop_views_equal_torchvision_ops_with_the_same_draws(sizes, kwargs, on_float):
+    """Every view, image by image: torchvision's crop, flip, adjust_*, grayscale, blur,
+    solarize and normalize with the parameters drawn from the same generator state. Float
+    input is the GPU path (float crops); uint8 the CPU one (uint8 crops, as torchvision's)."""
+    stored, global_size, local_size, n_local = sizes
+    images = (_rand(7, 3, stored, stored, seed=11) * 255).to(torch.uint8)
+    images = A.to_float(images) if on_float else images
+    mc = A.MultiCrop(global_size, local_size, n_local, **kwargs)
+    views = mc(images, generator=_gen(5))
+    g = _gen(5)
+    assert len(views) == len(mc.views) == 2 + n_local
+    for v, r in zip(views, mc.views):
+        d = A.draw_view(7, stored, stored, r.scale, mc.flip_p, mc.jitter_p, mc.grayscale_p,
+                        r.blur_p, r.solarize_p, generator=g)  # fmt: skip
+        assert v.shape == (7, 3, r.size, r.size) and v.dtype == torch.float32
+        for i in range(7):
+            ref, near = _torchvision_view(images, d, i, r.size, mc.jitter, mc.mean, mc.std)
+            assert near.float().mean() < 0.05  # blurred noise gathers near 0.5
+            # luma differences (LUMA_ATOL, twice: contrast and saturation or grayscale)
+            # divided by std (>= 0.224) on normalising
+            torch.testing.assert_close(v[i][~near], ref[~near], atol=1e-3, rtol=0)
 
 
 def test_multicrop_views_sizes_and_range():
@@ -307,115 +411,22 @@ def test_multicrop_views_sizes_and_range():
     views = mc(images, generator=_gen())
     assert [tuple(v.shape) for v in views] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)] * 3
     assert all(v.dtype == torch.float32 for v in views) and mc.n_global == 2
-    for v in views:  # every op keeps [0, 1]; normalising maps it to ((0, 1) - mean) / std
+    for v in views:  # every step keeps [0, 1]; normalising maps it to ((0, 1) - mean) / std
         d = _denorm(v)
         assert d.min() >= -1e-5 and d.max() <= 1 + 1e-5
 
 
-def test_multicrop_normalises_with_its_mean_std():
-    """A constant image survives crop, flip and blur unchanged, so each view is exactly
-    `normalize` of the colour; solarize (p=1) hits global view 2 only."""
-    colour = torch.tensor([200, 60, 140], dtype=torch.uint8)
-    images = colour.view(1, 3, 1, 1).expand(2, 3, 20, 20).contiguous()
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    mc = A.MultiCrop(
-        global_size=16,
-        local_size=8,
-        n_local=2,
-        jitter_p=0.0,
-        grayscale_p=0.0,
-        blur_p=(1.0, 1.0, 1.0),
-        solarize_p=1.0,
-        mean=mean,
-        std=std,
-    )
-    views = mc(images, generator=_gen(7))
-    c = A.to_float(images)[:, :, :1, :1]
-    plain = A.normalize(c, mean, std)
-    solar = A.normalize(torch.where(c >= 0.5, 1 - c, c), mean, std)
-    manual = (c - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    torch.testing.assert_close(plain, manual)
-    for i, v in enumerate(views):
-        ref = solar if i == 1 else plain
-        torch.testing.assert_close(v, ref.expand_as(v), atol=1e-5, rtol=0)
-
-
-def test_eval_transform_resizes_and_normalises():
-    images = (_rand(2, 3, 20, 20) * 255).to(torch.uint8)
-    y = A.EvalTransform(size=12)(images)
-    x = images.float() / 255
-    resized = TF.resize(x, [12, 12], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    ref = (resized - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
-    same = A.EvalTransform(size=20)(images)  # already the right size: normalise only
-    torch.testing.assert_close(same, (x - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1))
-    torch.testing.assert_close(A.EvalTransform()(images), same)
-
-
-def test_train_transform_shapes_and_range():
-    images = (_rand(4, 3, 20, 20) * 255).to(torch.uint8)
-    y = A.TrainTransform(size=16)(images, generator=_gen())
-    assert y.shape == (4, 3, 16, 16)
-    d = _denorm(y)
-    assert d.min() >= -1e-5 and d.max() <= 1 + 1e-5
-
-
-# --- MultiCrop's fused views against the per-op functions ---------------------------------
-
-
-def _per_op_view(mc: A.MultiCrop, x: torch.Tensor, r: A.ViewRecipe, g) -> torch.Tensor:
-    """One view of uint8 images by the public per-op functions in turn (each tested above
-    against torchvision): the reference for MultiCrop's chunked, in-place path."""
-    if mc.subpixel_boxes:
-        boxes = A.random_resized_crop_boxes(
-            len(x), *x.shape[2:], r.scale, generator=g, whole_pixels=False
-        )
-        y = A.subpixel_crops(x, boxes, r.size) / 255
-    else:
-        y = A.to_float(A.random_resized_crop(x, r.size, r.scale, generator=g))
-    y = A.random_hflip(y, mc.flip_p, g)
-    y = A.color_jitter(y, *mc.jitter, p=mc.jitter_p, generator=g)
-    y = A.random_grayscale(y, mc.grayscale_p, g)
-    y = A.gaussian_blur(y, r.blur_p, generator=g)
-    y = A.random_solarize(y, r.solarize_p, generator=g)
-    return A.normalize(y, mc.mean, mc.std)
-
-
-@pytest.mark.parametrize(
-    "sizes, kwargs",
-    [
-        ((40, 24, 16, 3), {}),  # official recipe; crops shrink (2 samples) and enlarge
-        ((40, 48, 20, 2), dict(jitter=(0.4, 0.4, 0.2, 0.0), grayscale_p=0.0)),  # repo config
-        ((32, 32, 12, 2), dict(flip_p=1.0, jitter_p=1.0, grayscale_p=1.0, blur_p=(1.0,) * 3,
-                               solarize_p=1.0)),  # every step on every image
-        ((32, 16, 8, 1), dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0,) * 3,
-                              solarize_p=0.0)),  # crop and normalise only
-    ],
-)  # fmt: skip
-@pytest.mark.parametrize("chunk_floats", [None, 3000])  # one chunk / a chunk per 1-2 images
-@pytest.mark.parametrize("subpixel", [False, True])
-def test_multicrop_equals_the_per_op_functions(monkeypatch, sizes, kwargs, chunk_floats, subpixel):
-    """Same generator state -> the same views as the per-op composition, to float rounding:
-    the fused path changes how the views are computed, not what is drawn."""
-    if chunk_floats:
-        monkeypatch.setattr(A, "_CPU_CHUNK_FLOATS", chunk_floats)
-    stored, global_size, local_size, n_local = sizes
-    images = (_rand(7, 3, stored, stored, seed=11) * 255).to(torch.uint8)
-    mc = A.MultiCrop(global_size, local_size, n_local, **kwargs, subpixel_boxes=subpixel)
-    views = mc(images, generator=_gen(5))
-    g, x = _gen(5), images
-    ref = [_per_op_view(mc, x, r, g) for r in mc.views]
-    assert len(views) == len(ref) == 2 + n_local
-    for v, r in zip(views, ref):
-        assert v.shape == r.shape and v.dtype == torch.float32
-        torch.testing.assert_close(v, r, atol=2e-5, rtol=0)
-    # the global RNG is drawn from in the same order too (what the loader workers use)
-    torch.manual_seed(3)
-    a = mc(images)
-    torch.manual_seed(3)
-    b = [_per_op_view(mc, x, r, None) for r in mc.views]
-    for v, r in zip(a, b):
-        torch.testing.assert_close(v, r, atol=2e-5, rtol=0)
+def test_multicrop_subpixel_views_crop_the_unrounded_boxes():
+    """subpixel_boxes: the same draws, the crop by roi_align of the continuous boxes."""
+    images = (_rand(5, 3, 30, 30, seed=7) * 255).to(torch.uint8)
+    mc = A.MultiCrop(16, 8, 1, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0,) * 3,
+                     solarize_p=0.0, subpixel_boxes=True)  # fmt: skip
+    views = mc(images, generator=_gen(2))
+    g = _gen(2)
+    for v, r in zip(views, mc.views):
+        d = A.draw_view(5, 30, 30, r.scale, 0.5, 0.0, 0.0, whole_pixels=False, generator=g)
+        ref = A.normalize(A.subpixel_crops(images, d.boxes, r.size, d.flip) / 255)
+        torch.testing.assert_close(v, ref, atol=1e-5, rtol=0)
 
 
 def test_multicrop_of_float_images_is_the_uint8_result_unrounded():
@@ -432,74 +443,32 @@ def test_multicrop_of_float_images_is_the_uint8_result_unrounded():
         assert diff.max() <= 4 * level and diff.mean() <= 0.5 * level
 
 
-def test_multicrop_views_differ_per_image_and_per_view():
-    images = (_rand(1, 3, 32, 32, seed=2) * 255).to(torch.uint8).expand(4, -1, -1, -1)
-    views = A.MultiCrop(24, 12, 2)(images.contiguous(), generator=_gen(8))
-    for v in views:  # one source image, four different augmentations
-        flat = v.flatten(1)
-        assert torch.cdist(flat, flat)[~torch.eye(4, dtype=torch.bool)].min() > 1e-3
-    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[2], views[3])
-
-
-class _MultiCropInWorker(torch.utils.data.Dataset):
-    """Item i: MultiCrop views of a fixed batch from seed i, and whether they were made in
-    shared memory (so the worker hands them over without a copy)."""
-
-    def __init__(self, images):
-        self.images, self.mc = images, A.MultiCrop(24, 12, 2)
-
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, i):
-        views = self.mc(self.images, generator=_gen(i))
-        return views, [v.is_shared() for v in views]
-
-
-def test_multicrop_in_a_loader_worker():
-    images = (_rand(3, 3, 32, 32, seed=6) * 255).to(torch.uint8)
-    data = _MultiCropInWorker(images)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=1)
-    for i, (views, shared) in enumerate(loader):
-        assert all(shared)
-        for v, ref in zip(views, data.mc(images, generator=_gen(i))):
-            assert torch.equal(v, ref)
-    assert not any(v.is_shared() for v in data.mc(images))  # main process: plain memory
-
-
-def test_huge_page_advice_only_covers_whole_aligned_pages():
-    """advise_huge_pages never touches memory outside the buffer: a buffer without one whole
-    2 MiB-aligned page inside is left alone; a big one is advised wherever the kernel has
-    transparent huge pages (the advice is taken whatever the THP mode), and keeps what is
-    written to it."""
-    import sys
-    from pathlib import Path
-
-    from shared.data.cpu_views import advise_huge_pages
-
-    small = torch.empty(1000)
-    assert advise_huge_pages(small.data_ptr(), small.numel() * 4) is False
-    big = torch.empty(3 << 20)  # 12 MiB: at least 4 whole huge pages inside
-    advised = advise_huge_pages(big.data_ptr(), big.numel() * 4)
-    if sys.platform.startswith("linux"):
-        assert advised is Path("/sys/kernel/mm/transparent_hugepage").is_dir()
-    expected = torch.arange(big.numel(), dtype=torch.float32)
-    big.copy_(expected)
-    assert torch.equal(big, expected)
-
-
 @pytest.mark.parametrize("sizes", [(1, 16), (16, 1), (0, 8)])
 def test_multicrop_rejects_crops_under_two_pixels(sizes):
     with pytest.raises(ValueError, match="at least 2 px"):
         A.MultiCrop(*sizes, 2)
 
 
-def test_multicrop_at_two_pixels_blurs_like_the_per_op_functions():
-    """The smallest crop the blur's reflect padding allows: the compiled path still equals
-    the per-op composition (and reads nothing outside the image)."""
-    images = (_rand(4, 3, 12, 12, seed=21) * 255).to(torch.uint8)
-    mc = A.MultiCrop(2, 2, 2, blur_p=(1.0, 1.0, 1.0), jitter_p=1.0, solarize_p=1.0)
-    views = mc(images, generator=_gen(8))
-    g = _gen(8)
-    for v, r in zip(views, mc.views):
-        torch.testing.assert_close(v, _per_op_view(mc, images, r, g), atol=2e-5, rtol=0)
+def test_eval_transform_resizes_and_normalises():
+    images = (_rand(2, 3, 20, 20) * 255).to(torch.uint8)
+    y = A.EvalTransform(size=12)(images)
+    x = images.float() / 255
+    resized = TF.resize(x, [12, 12], interpolation=BILINEAR, antialias=True)
+    ref = (resized - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    same = A.EvalTransform(size=20)(images)  # already the right size: normalise only
+    torch.testing.assert_close(same, (x - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1))
+    torch.testing.assert_close(A.EvalTransform()(images), same)
+
+
+def test_train_transform_equals_torchvision_ops_with_its_draws():
+    """Metric learning's crop, flip and jitter (hue included), no grayscale / blur /
+    solarize: torchvision's ops with the parameters drawn from the same generator state."""
+    images = (_rand(6, 3, 20, 20, seed=9) * 255).to(torch.uint8)
+    tt = A.TrainTransform(size=16, jitter_p=0.7)
+    y = tt(images, generator=_gen(4))
+    d = A.draw_view(6, 20, 20, tt.scale, tt.flip_p, tt.jitter_p, None, generator=_gen(4))
+    assert y.shape == (6, 3, 16, 16)
+    for i in range(6):
+        ref, _ = _torchvision_view(images, d, i, 16, tt.jitter, tt.mean, tt.std)
+        torch.testing.assert_close(y[i], ref, atol=1e-3, rtol=0)
