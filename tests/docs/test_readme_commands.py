@@ -95,7 +95,10 @@ def test_pipeline_command_composes_every_job(hydra_conf, command):
 def inline_overrides() -> list[tuple[str, str]]:
     """(doc, text) of each `key=value` in the prose that names a config key or group."""
     found = []
-    keys = set(OmegaConf.load(CONF / "ssl.yaml")) | {p.name for p in CONF.iterdir()}
+    keys = {
+        k for name in ("base", "ssl", "matching") for k in OmegaConf.load(CONF / f"{name}.yaml")
+    }
+    keys |= {p.name for p in CONF.iterdir()}
     for doc in DOCS:
         for span in re.findall(r"`([^`\s]+=[^`\s]+)`", (REPO / doc).read_text()):
             key = span.split("=", 1)[0].lstrip("+~")
