@@ -178,5 +178,8 @@ def test_help_shows_usage_and_examples(script, example):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"Usage: python {script}" in out.stdout and example in out.stdout
-    assert "dry_run=true" in out.stdout and "data/source: csv, folder, synthetic" in out.stdout
+    assert (
+        "dry_run=true" in out.stdout
+        and "data/source: csv, folder, postings, synthetic" in out.stdout
+    )
     assert "\nseed: 0" not in out.stdout  # not the whole config (that is --cfg job)
