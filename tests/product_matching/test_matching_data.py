@@ -177,7 +177,7 @@ def test_class_folders_feed_folds_by_label(tmp_path):
 
 
 def test_background_is_checked_early_and_reaches_the_store(tmp_path, postings):
-    """`data.background` is refused by name before any file is read, and keys the store."""
+    """`data.source.background` is refused by name before any file is read, and keys the store."""
     csv, _ = postings
     with pytest.raises(ValueError, match=r"^data.source.background=\[0, 0\] is not a colour"):
         datamodule(tmp_path, csv, background=[0, 0])
