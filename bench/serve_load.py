@@ -71,16 +71,16 @@ def serve_config(args, data_dir: str, csv: Path | None):
 
 def untrained_model(overrides: list[str], out_dir: str):
     """The default product-matching module (random weights) and its synthetic postings CSV."""
-    from matching.data import synthetic_postings
     from matching.service.embedder import TorchEmbedder
+    from shared.data.sources import synthetic_postings
     from shared.instantiate import instantiate
     from shared.tracking.compose import compose_pipeline
 
     cfg = compose_pipeline("matching", overrides, out_dir, kind="bench")
-    spec = dict(cfg.data.synthetic)
+    spec = {k: v for k, v in cfg.data.source.synthetic.items() if k != "_target_"}
     num_classes = spec["num_families"] * spec["groups_per_family"]
     module = instantiate(cfg.module, "module", num_classes=num_classes).eval()
-    csv = synthetic_postings(cfg.data.synthetic_dir, spec)
+    csv = synthetic_postings(cfg.data.source.synthetic_dir, spec)
     name = f"{type(module.net).__name__} {cfg.backbone.name} (untrained)"
     return TorchEmbedder(module, int(cfg.data.image_size), name, "untrained"), csv
 

@@ -6,9 +6,12 @@ checkpoint for `product-matching/infer.py`. Config: conf/matching.yaml; the run 
 `shared.train.run`, shared with ssl/run.py.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from matching.data import refuse_moved_keys
 from shared.train import run
 
 
@@ -18,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_moved_keys(sys.argv[1:])
     main()

@@ -25,7 +25,10 @@ NESTED = {
     ("shared.modules.metric_learning.MetricLearningModule", "train_transform"): (
         "shared.data.augment.TrainTransform"
     ),
-    ("matching.data.ProductsDataModule", "synthetic"): "shared.data.synthetic.SyntheticProducts",
+    (
+        "shared.data.sources.PostingsSource",
+        "synthetic",
+    ): "shared.data.synthetic.SyntheticProductsSpec",
 }
 
 

@@ -15,7 +15,7 @@ GROUPS = [
     "data/source",
     "backbone",
     "module",
-    "embedding",
+    "net",
     "head",
     "trainer",
     "callbacks",
@@ -47,7 +47,7 @@ def cases():
 
 @pytest.mark.parametrize("primary,group,option", list(cases()))
 def test_group_option_composes(compose_cfg, primary, group, option):
-    if group in ("head", "embedding"):
+    if group in ("head", "net"):
         target = "head" if group == "head" else "model"
         override = f"{group}@module.{target}={option}"
         if primary == "ssl":
@@ -92,3 +92,38 @@ def test_every_target_imports():
                 if target.startswith("hydra_plugins"):
                     continue
                 assert hydra.utils.get_object(target) is not None, (path, target)
+
+
+# Each experiment file is a README recipe: its pipeline and the command line it spells out.
+RECIPES = {
+    "dino_resnet18": ("ssl", []),
+    "dino_vit_tiny": (
+        "ssl",
+        [
+            "backbone=vit_tiny",
+            "module.student_drop_path=0.1",
+            "module.base_lr=5.0e-4",
+            "module.use_bn_in_head=false",
+            "trainer.max_epochs=30",
+        ],
+    ),
+    "matching_dolg": ("matching", []),
+    "matching_cgd": ("matching", ["module=cgd"]),
+    "matching_shopee_256_gpu": ("matching", ["data.image_size=256", "trainer=gpu"]),
+}
+SHOPEE = ["data.source.csv_path=/shopee/train.csv", "data.source.image_dir=/shopee/train_images"]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_experiment_equals_the_command_it_names(compose_cfg, name):
+    """`experiment=<name>` composes with its pipeline into exactly the config of the README
+    command it spells out (the run's name aside)."""
+    primary, command = RECIPES[name]
+    data = SHOPEE if "shopee" in name else []
+    recipe = compose_cfg(primary, [f"experiment={name}", *data, "task_name=x"])
+    typed = compose_cfg(primary, [*command, *data, "task_name=x"])
+    assert OmegaConf.to_container(recipe) == OmegaConf.to_container(typed)
+
+
+def test_every_experiment_has_a_recipe():
+    assert set(RECIPES) == set(options("experiment"))

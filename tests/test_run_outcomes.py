@@ -110,13 +110,26 @@ def test_a_run_stopped_by_sigterm_exits_non_zero(tmp_path):
         ("ssl", "data.image_size=0", "data.image_size=0: expected an integer >= 1"),
         ("ssl", "data.batch_size=abc", "data.batch_size='abc': expected an integer >= 1"),
         ("matching", "trainer.max_epochs=1.5", "trainer.max_epochs=1.5: expected an integer"),
-        ("matching", "data.csv_path=/nowhere.csv", "data.csv_path='/nowhere.csv' does not exist"),
+        (
+            "matching",
+            "data.source.csv_path=/nowhere.csv",
+            "data.source.csv_path='/nowhere.csv' does not exist",
+        ),
     ],
 )
 def test_bad_values_fail_early_naming_the_key(tmp_path, pipeline, override, message):
     out = run(cli(pipeline, tmp_path, override))
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_moved_key_names_its_new_one(tmp_path):
+    """The README's older `data.csv_path=...` (postings became a data source) is refused with
+    the key to write instead, before Hydra's own "not in struct"."""
+    out = run(cli("matching", tmp_path, "data.csv_path=/a.csv"))
+    assert out.returncode != 0
+    assert "data.csv_path has moved" in out.stderr and "write data.source.csv_path=" in out.stderr
 
 
 def _csv_rows(path):

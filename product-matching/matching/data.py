@@ -1,46 +1,36 @@
-"""Postings (CSV + image folder) -> image store -> fold-based train / validation split.
+"""Any image source (postings by default) -> image store -> group-disjoint folds.
 
-With no `csv_path`, the embedded synthetic products set is first written out as
-`postings.csv` + `images/` in the Shopee format, so the default run reads files through
-exactly the path a real user's data takes.
+The folds keep together what must not be split: a class (`label_group` of postings) and a
+group of the source (`image_phash`: the same picture posted twice). A source without
+groups (class folders, a CSV without group_col, synthetic) is split by its labels alone.
 """
 
 from __future__ import annotations
-
-import hashlib
-import json
-import logging
-from collections.abc import Sequence
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
 from matching.folds import load_or_make_folds
 from shared.data.datamodule import StoreDataModule
-from shared.data.sources import DEFAULT_BACKGROUND, CsvSource, check_background
 
-log = logging.getLogger(__name__)
-
-REQUIRED_COLUMNS = ("posting_id", "image", "label_group")
+# data=products keys that moved to data.source (data/source=postings) in issue #16.
+MOVED_KEYS = ("csv_path", "image_dir", "skip_corrupt", "background", "synthetic", "synthetic_dir")
 
 
-class PostingsCsvSource(CsvSource):
-    """Shopee-format postings; its settings are `data.*` in this pipeline (not `data.source`)."""
+def refuse_moved_keys(overrides: list[str]) -> None:
+    """SystemExit naming the new key for a command line that sets a moved `data.<key>`."""
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        for old in MOVED_KEYS:
+            if key == f"data.{old}" or key.startswith(f"data.{old}."):
+                raise SystemExit(moved_message(key))
 
-    config_key = "data"
 
-
-def synthetic_postings(root: str | Path, spec: dict) -> Path:
-    """Write (once) the synthetic products as a Shopee-style CSV + images; return the CSV.
-
-    Each spec gets its own folder `<root>/<hash of spec>/`, so changing sizes never clashes.
-    """
-    from shared.data.synthetic import SyntheticProducts, write_image_folder_csv
-
-    products = SyntheticProducts(**spec)
-    key = hashlib.sha1(json.dumps(asdict(products.spec), sort_keys=True).encode()).hexdigest()
-    return write_image_folder_csv(products, Path(root) / key[:10])
+def moved_message(key: str) -> str:
+    new = key.replace("data.", "data.source.", 1)
+    return (
+        f"{key} has moved: product postings are a data source now, so write {new}=... "
+        "(data/source=postings is the default of data=products)"
+    )
 
 
 class ProductsDataModule(StoreDataModule):
@@ -52,20 +42,27 @@ class ProductsDataModule(StoreDataModule):
 
     def __init__(
         self,
+        source,
         store_root: str,
-        csv_path: str | None = None,
-        image_dir: str | None = None,
-        synthetic: dict | None = None,
-        synthetic_dir: str | None = None,
         fold: int = 0,
         n_folds: int = 5,
         test_fold: int | None = None,
-        skip_corrupt: bool = False,
-        background: Sequence[int] = DEFAULT_BACKGROUND,
+        split_by: str = "fold",
+        val_fraction: float | None = None,
+        test_fraction: float | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(source=None, store_root=store_root, **kwargs)
-        self.background = check_background(background, "data.background")
+        for key in MOVED_KEYS:
+            if key in kwargs:
+                raise ValueError(moved_message(f"data.{key}"))
+        for key, value in (("split_by", split_by), ("val_fraction", val_fraction),
+                           ("test_fraction", test_fraction)):  # fmt: skip
+            if value not in ("fold", None):
+                raise ValueError(
+                    f"data.{key}={value!r} does not apply to product matching: it validates on "
+                    "fold data.fold and tests on data.test_fold of data.n_folds folds"
+                )
+        super().__init__(source, store_root, split_by=split_by, **kwargs)
         if not 0 <= fold < n_folds:
             raise ValueError(
                 f"data.fold={fold} is out of range: n_folds={n_folds} "
@@ -77,42 +74,16 @@ class ProductsDataModule(StoreDataModule):
                 f"data.test_fold={test_fold} must be a fold in 0..{n_folds - 1} other than "
                 f"data.fold={fold} (the validation fold)"
             )
-        if csv_path is None and not synthetic:
-            raise ValueError("set data.csv_path (your postings CSV) or data.synthetic")
-        self.csv_path, self.image_dir = csv_path, image_dir
-        self.synthetic, self.synthetic_dir = dict(synthetic or {}), synthetic_dir
         self.fold, self.test_fold, self.n_folds = fold, test_fold, n_folds
-        self.skip_corrupt = skip_corrupt
         self.folds: np.ndarray | None = None
 
-    def _source(self) -> PostingsCsvSource:
-        if self.source is None:
-            csv, image_dir = self.csv_path, self.image_dir
-            if csv is None:
-                out = Path(self.synthetic_dir or Path(self.store_root) / "synthetic_postings")
-                csv = synthetic_postings(out, self.synthetic)
-                image_dir = Path(csv).parent / "images"
-            self.source = PostingsCsvSource(
-                str(csv),
-                image_dir,
-                image_col="image",
-                label_col="label_group",
-                id_col="posting_id",
-                skip_corrupt=self.skip_corrupt,
-                background=self.background,
-            )
-        return self.source
-
-    def _build(self):
-        self._source()
-        return super()._build()
-
     def make_splits(self):
-        frame = self.source.frame
-        if self.store.meta.get("num_skipped"):
-            frame = frame.set_index("posting_id").loc[self.store.ids].reset_index()
         self.folds = load_or_make_folds(
-            frame, self.store.path / f"folds{self.n_folds}.json", self.n_folds
+            self.store.ids,
+            self.store.labels.numpy(),
+            self.store.groups,
+            self.store.path / f"folds{self.n_folds}.json",
+            self.n_folds,
         )
         val = np.flatnonzero(self.folds == self.fold)
         test = np.flatnonzero(self.folds == self.test_fold)
@@ -125,12 +96,6 @@ class ProductsDataModule(StoreDataModule):
                     f"test_fold={self.test_fold})"
                 )
         return train, val, test
-
-    @property
-    def postings(self):
-        """The CSV rows in store order (posting_id, image, label_group, ...)."""
-        self.setup()
-        return self.source.frame.set_index("posting_id").loc[self.store.ids].reset_index()
 
     def val_dataloader(self):
         return [self.query_dataloader("val")]

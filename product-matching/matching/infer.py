@@ -32,10 +32,14 @@ def run_threshold(run) -> float | None:
 
 
 def run_background(config) -> tuple[int, int, int]:
-    """The colour the run's images were composited on (`data.background`), so new images
-    decode as its training images did; white for runs made before the key existed."""
-    value = OmegaConf.select(config, "data.background", default=None)
-    return DEFAULT_BACKGROUND if value is None else check_background(value, "data.background")
+    """The colour the run's images were composited on (`data.source.background`; older runs:
+    `data.background`), so new images decode as its training images did; white for runs
+    made before the key existed."""
+    for key in ("data.source.background", "data.background"):
+        value = OmegaConf.select(config, key, default=None)
+        if value is not None:
+            return check_background(value, key)
+    return DEFAULT_BACKGROUND
 
 
 @torch.no_grad()

@@ -302,7 +302,8 @@ class CsvSource(FileSource):
         missing = [c for c in required if c not in df.columns]
         if missing:
             raise ValueError(
-                f"{self.csv_path} lacks required column(s) {missing}; it has {list(df.columns)}"
+                f"{self.csv_path} lacks required column(s) {missing}; it has {list(df.columns)} "
+                f"(set {self.config_key}.image_col / label_col / id_col / group_col)"
             )
         if df.empty:
             raise ValueError(f"{self.csv_path} has no rows")
@@ -340,6 +341,56 @@ class CsvSource(FileSource):
             "decoding": self._decoding(),
             "files": self._file_fingerprint(),
         }
+
+
+class PostingsSource(CsvSource):
+    """Shopee-style postings: a CSV of posting_id, image, label_group (+ title). Postings
+    sharing an `image_phash` are one picture, so they form a group (`group_col`) that folds
+    and `data.split_by=group` keep together.
+
+    With no `csv_path`, the `synthetic` products are first written out (once per spec, under
+    `synthetic_dir`) in exactly this format, so the default run reads files through the path
+    a user's data takes.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | None = None,
+        image_dir: str | None = None,
+        synthetic: SyntheticSource | None = None,
+        synthetic_dir: str | None = None,
+        label_col: str | None = "label_group",
+        id_col: str | None = "posting_id",
+        group_col: str | None = "image_phash",
+        **kwargs,
+    ) -> None:
+        if csv_path is None:
+            if synthetic is None or synthetic_dir is None:
+                raise ValueError(
+                    f"set {self.config_key}.csv_path (your postings CSV), or both "
+                    f"{self.config_key}.synthetic and {self.config_key}.synthetic_dir"
+                )
+            csv_path = synthetic_postings(synthetic_dir, synthetic.spec)
+            image_dir = Path(csv_path).parent / "images"
+        super().__init__(
+            str(csv_path), image_dir, label_col=label_col, id_col=id_col, group_col=group_col,
+            **kwargs,
+        )  # fmt: skip
+
+
+def synthetic_postings(root: str | Path, spec) -> Path:
+    """Write (once) the synthetic products of `spec` (a SyntheticProductsSpec or its fields)
+    as a Shopee-style CSV + images; return the CSV. Each spec gets its own folder
+    `<root>/<hash of spec>/`, so changing sizes never clashes."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from shared.data.synthetic import SyntheticProducts, write_image_folder_csv
+
+    products = SyntheticProducts(spec)
+    key = hashlib.sha1(json.dumps(asdict(products.spec), sort_keys=True).encode()).hexdigest()
+    return write_image_folder_csv(products, Path(root) / key[:10])
 
 
 class SyntheticSource:

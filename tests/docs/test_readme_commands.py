@@ -95,7 +95,10 @@ def test_pipeline_command_composes_every_job(hydra_conf, command):
 def inline_overrides() -> list[tuple[str, str]]:
     """(doc, text) of each `key=value` in the prose that names a config key or group."""
     found = []
-    keys = set(OmegaConf.load(CONF / "ssl.yaml")) | {p.name for p in CONF.iterdir()}
+    keys = {
+        k for name in ("base", "ssl", "matching") for k in OmegaConf.load(CONF / f"{name}.yaml")
+    }
+    keys |= {p.name for p in CONF.iterdir()}
     for doc in DOCS:
         for span in re.findall(r"`([^`\s]+=[^`\s]+)`", (REPO / doc).read_text()):
             key = span.split("=", 1)[0].lstrip("+~")
@@ -175,5 +178,8 @@ def test_help_shows_usage_and_examples(script, example):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"Usage: python {script}" in out.stdout and example in out.stdout
-    assert "dry_run=true" in out.stdout and "data/source: csv, folder, synthetic" in out.stdout
+    assert (
+        "dry_run=true" in out.stdout
+        and "data/source: csv, folder, postings, synthetic" in out.stdout
+    )
     assert "\nseed: 0" not in out.stdout  # not the whole config (that is --cfg job)

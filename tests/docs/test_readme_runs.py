@@ -75,10 +75,13 @@ def budget(command: Command) -> list[str]:
             if px:
                 out += ["module.multicrop.global_size=32", "module.multicrop.local_size=16"]
     else:
+        if "synthetic" in cfg.data.source:  # postings written from the synthetic products
+            out += [
+                "data.source.synthetic.num_families=6",
+                "data.source.synthetic.groups_per_family=2",
+                "data.source.synthetic.image_size=32",
+            ]
         out += [
-            "data.synthetic.num_families=6",
-            "data.synthetic.groups_per_family=2",
-            "data.synthetic.image_size=32",
             "data.image_size=32",
             "data.batch_size=8",
             "data.eval_batch_size=16",

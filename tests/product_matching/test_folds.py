@@ -43,7 +43,7 @@ def test_components_match_brute_force_closure():
 
 def test_folds_disjoint_by_group_and_phash():
     df = random_postings()
-    folds = make_folds(df, n_folds=5)
+    folds = make_folds(df.label_group, df.image_phash, n_folds=5)
     assert set(folds) <= set(range(5))
     for col in ("label_group", "image_phash"):
         assert (df.assign(fold=folds).groupby(col).fold.nunique() == 1).all(), col
@@ -52,15 +52,17 @@ def test_folds_disjoint_by_group_and_phash():
 def test_folds_written_once_and_reused(tmp_path):
     df = random_postings()
     path = tmp_path / "folds5.json"
-    first = load_or_make_folds(df, path, 5)
+    first = load_or_make_folds(df.posting_id, df.label_group, df.image_phash, path, 5)
     mtime = path.stat().st_mtime_ns
-    again = load_or_make_folds(df, path, 5)
+    again = load_or_make_folds(df.posting_id, df.label_group, df.image_phash, path, 5)
     assert np.array_equal(first, again) and path.stat().st_mtime_ns == mtime
-    other = load_or_make_folds(df, path, 3)  # another fold count: rewritten
+    other = load_or_make_folds(
+        df.posting_id, df.label_group, df.image_phash, path, 3
+    )  # another fold count: rewritten
     assert set(other) == {0, 1, 2}
 
 
 def test_too_few_groups_for_folds():
     df = pd.DataFrame({"posting_id": ["a", "b"], "label_group": [1, 1], "image_phash": ["x", "y"]})
     with pytest.raises(ValueError, match="cannot fill 5 folds"):
-        make_folds(df, 5)
+        make_folds(df.label_group, df.image_phash, 5)

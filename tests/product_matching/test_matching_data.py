@@ -7,9 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from matching.data import ProductsDataModule, synthetic_postings
+from matching.data import ProductsDataModule, refuse_moved_keys
 from matching.evaluate import sweep_embeddings
+from matching.folds import make_folds
 from matching.infer import read_matches, write_matches
+from shared.data.sources import FolderSource, PostingsSource, synthetic_postings
 from shared.modules.metric_learning import MetricLearningModule
 from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import matches_from_threshold
@@ -29,11 +31,10 @@ def postings(tmp_path_factory):
     return csv, pd.read_csv(csv, dtype=str)
 
 
-def datamodule(tmp_path, csv, **kw):
+def datamodule(tmp_path, csv, background=(255, 255, 255), **kw):
     return ProductsDataModule(
+        PostingsSource(str(csv), str(IMAGES["dir"]), background=background),
         store_root=str(tmp_path / "stores"),
-        csv_path=str(csv),
-        image_dir=str(IMAGES["dir"]),
         image_size=32,
         batch_size=4,
         n_folds=kw.pop("n_folds", 3),
@@ -53,6 +54,8 @@ def test_store_and_folds_from_csv(tmp_path, postings):
     assert train.isdisjoint(val) and len(val) > 0
     assert test.isdisjoint(train | val) and len(test) > 0  # held out from training and choice
     assert set(dm.folds[dm.test_indices]) == {2} and set(dm.folds[dm.val_indices]) == {1}
+    # The store's integer labels and groups give the folds of the CSV's own columns.
+    assert np.array_equal(dm.folds, make_folds(frame.label_group, frame.image_phash, 3))
     batch = next(iter(dm.val_dataloader()[0]))
     assert batch["images"].shape[1:] == (3, 32, 32)
 
@@ -141,23 +144,42 @@ def test_matches_csv_round_trip(tmp_path):
     assert all(back[i][0] == i for i in ids)  # every posting matches itself first
 
 
-def test_errors_name_this_pipelines_keys(tmp_path, postings):
-    """Product matching's postings settings are `data.*`: its hints must not name the
-    `data.source.*` keys of the other pipeline."""
-    from matching.data import PostingsCsvSource
-
+def test_errors_name_the_source_keys(tmp_path, postings):
+    """Postings are a data source: hints name `data.source.*`, and the keys that moved there
+    from `data.*` are refused with the new name, on the command line and in a config."""
     csv, _ = postings
-    source = PostingsCsvSource(str(csv), str(IMAGES["dir"]), label_col="label_group")
-    message = str(source.corrupt_error([0]))
-    assert "set data.skip_corrupt=true" in message and "data.source" not in message
-    with pytest.raises(FileNotFoundError, match=r"^data.csv_path='/nowhere.csv' does not exist"):
-        PostingsCsvSource("/nowhere.csv")
+    source = PostingsSource(str(csv), str(IMAGES["dir"]))
+    assert "set data.source.skip_corrupt=true" in str(source.corrupt_error([0]))
+    with pytest.raises(FileNotFoundError, match=r"^data.source.csv_path='/nowhere.csv' does not"):
+        PostingsSource("/nowhere.csv")
+    with pytest.raises(ValueError, match="synthetic_dir"):
+        PostingsSource()  # neither a CSV nor synthetic products to write
+    with pytest.raises(SystemExit, match=r"write data.source.synthetic.seed=\.\.\."):
+        refuse_moved_keys(["data.fold=2", "data.synthetic.seed=1"])
+    refuse_moved_keys(["data.fold=2", "data.source.csv_path=/a.csv"])  # new keys pass
+    with pytest.raises(ValueError, match=r"write data.source.image_dir=\.\.\."):
+        ProductsDataModule(source, str(tmp_path), image_dir="/x")
+    for key, value in (("split_by", "instance"), ("val_fraction", 0.2)):
+        with pytest.raises(ValueError, match=f"data.{key}={value!r} does not apply"):
+            ProductsDataModule(source, str(tmp_path), **{key: value})
+
+
+def test_class_folders_feed_folds_by_label(tmp_path):
+    """A source without groups (class folders) is split by its labels: each class in one fold."""
+    from shared.data.synthetic import SyntheticProducts, write_class_folders
+
+    root = write_class_folders(SyntheticProducts(**SPEC), tmp_path / "folders")
+    dm = ProductsDataModule(FolderSource(str(root)), str(tmp_path / "stores"), n_folds=3)
+    dm.setup()
+    labels = dm.store.labels.numpy()
+    assert all(len(set(dm.folds[labels == c])) == 1 for c in np.unique(labels))
+    assert len(dm.train_indices) + len(dm.val_indices) + len(dm.test_indices) == len(labels)
 
 
 def test_background_is_checked_early_and_reaches_the_store(tmp_path, postings):
-    """`data.background` is refused by name before any file is read, and keys the store."""
+    """`data.source.background` is refused by name before any file is read, and keys the store."""
     csv, _ = postings
-    with pytest.raises(ValueError, match=r"^data.background=\[0, 0\] is not a colour"):
+    with pytest.raises(ValueError, match=r"^data.source.background=\[0, 0\] is not a colour"):
         datamodule(tmp_path, csv, background=[0, 0])
     dm = datamodule(tmp_path, csv, background=[0, 0, 0])
     dm.setup()
@@ -172,6 +194,8 @@ def test_inference_decodes_on_the_runs_background():
 
     from matching.infer import run_background
 
+    own = {"data": {"source": {"background": [1, 2, 3]}}}
+    assert run_background(OmegaConf.create(own)) == (1, 2, 3)
     assert run_background(OmegaConf.create({"data": {"background": [1, 2, 3]}})) == (1, 2, 3)
     assert run_background(OmegaConf.create({"data": {}})) == (255, 255, 255)  # older runs
     with pytest.raises(ValueError, match=r"data.background=\[1, 2, 3, 4\]"):

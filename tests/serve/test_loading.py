@@ -298,7 +298,7 @@ def test_the_command_line_serves(matching_run, tmp_path):
 
 
 def test_background_is_the_runs_unless_set_and_a_conflict_is_refused(loaded):
-    """null takes the run's data.background (white for runs older than the key); a value
+    """null takes the run's data.source.background (white for runs older than the key); a value
     that differs from the run's is refused while the run's postings are the gallery."""
     from types import SimpleNamespace
 
@@ -312,12 +312,15 @@ def test_background_is_the_runs_unless_set_and_a_conflict_is_refused(loaded):
     def cfg(**kw):
         return OmegaConf.create({"background": None, "gallery": None, **kw})
 
-    run = SimpleNamespace(config=OmegaConf.create({"data": {"background": [10, 20, 30]}}))
+    own = {"data": {"source": {"background": [10, 20, 30]}}}
+    run = SimpleNamespace(config=OmegaConf.create(own))
     run.run_dir = "runs/x"
     old = SimpleNamespace(config=OmegaConf.create({"data": {}}), run_dir="runs/old")
     assert service_background(cfg(), run) == (10, 20, 30)
     assert service_background(cfg(), old) == service_background(cfg(), None) == DEFAULT_BACKGROUND
-    with pytest.raises(ValueError, match=r"background=\[0, 0, 0\] differs from data.background"):
+    with pytest.raises(
+        ValueError, match=r"background=\[0, 0, 0\] differs from data.source.background"
+    ):
         service_background(cfg(background=[0, 0, 0]), run)
     assert service_background(cfg(background=[0, 0, 0], gallery="g.csv"), run) == (0, 0, 0)
     with pytest.raises(ValueError, match=r"background=\[1, 2\] is not a colour"):

@@ -43,9 +43,9 @@ TINY_DINO = (
 
 # DOLG on timm's test ResNet, on synthetic postings (5 folds of 2-3 groups each).
 TINY_MATCHING = SHORT + [
-    "data.synthetic.num_families=6",
-    "data.synthetic.groups_per_family=2",
-    "data.synthetic.image_size=32",
+    "data.source.synthetic.num_families=6",
+    "data.source.synthetic.groups_per_family=2",
+    "data.source.synthetic.image_size=32",
     "data.image_size=32",
     "data.batch_size=8",
     "data.eval_batch_size=32",

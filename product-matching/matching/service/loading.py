@@ -63,7 +63,7 @@ def newest_run(runs_root: str | Path) -> Path:
 
 
 def service_background(cfg: DictConfig, run) -> tuple[int, int, int]:
-    """`background`, or the run's `data.background` when null. A value that differs from the
+    """`background`, or the run's `data.source.background` when null. A value that differs from the
     run's is refused when the gallery is the run's own postings: their store was decoded on
     the run's, and an uploaded copy of a gallery image must get the store's pixels."""
     from shared.data.sources import DEFAULT_BACKGROUND, check_background
@@ -74,7 +74,7 @@ def service_background(cfg: DictConfig, run) -> tuple[int, int, int]:
     value = check_background(cfg.background, "background")
     if run is not None and not cfg.gallery and value != own:
         raise ValueError(
-            f"background={list(value)} differs from data.background={list(own)} of the run "
+            f"background={list(value)} differs from data.source.background={list(own)} of the run "
             f"{run.run_dir}, whose postings are the gallery: leave background=null, or give "
             "gallery=<postings CSV>"
         )
@@ -100,6 +100,11 @@ def gallery_postings(cfg: DictConfig, run, image_size: int, store_root: Path, ba
         datamodule = run.datamodule  # the run's postings (synthetic ones written as CSV + PNG)
         datamodule.setup()
         source, store = datamodule.source, datamodule.store
+        if not hasattr(source, "frame"):
+            raise ValueError(
+                f"the run's data source ({type(source).__name__}) has no postings to serve: "
+                "give gallery=<postings CSV>"
+            )
     else:
         raise ValueError("gallery=<postings CSV> is needed when no run is given")
     frame = source.frame.reset_index(drop=True)

@@ -20,6 +20,7 @@ class ArraySource:
         self.ids = [f"r{i}" for i in range(len(self.labels))]
         self.class_names = [f"c{c}" for c in range(int(self.labels.max()) + 1)]
         self.skip_corrupt = False
+        self.groups = None
         self.loads = 0
 
     def __len__(self) -> int:
@@ -27,6 +28,9 @@ class ArraySource:
 
     def describe(self) -> dict:
         return {"kind": "array", "labels": self.labels.tolist()}
+
+    def corrupt_error(self, bad):
+        return ValueError(f"rows {bad} failed")
 
     def load(self, indices, size):
         self.loads += 1

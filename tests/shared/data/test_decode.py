@@ -226,4 +226,4 @@ def test_yaml_backgrounds_equal_the_code_default(compose_cfg):
     for overrides in (["data/source=folder"], ["data/source=csv"]):
         cfg = compose_cfg("ssl", overrides)
         assert tuple(cfg.data.source.background) == DEFAULT_BACKGROUND
-    assert tuple(compose_cfg("matching").data.background) == DEFAULT_BACKGROUND
+    assert tuple(compose_cfg("matching").data.source.background) == DEFAULT_BACKGROUND
