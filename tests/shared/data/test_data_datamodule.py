@@ -13,8 +13,6 @@ class ArraySource:
     """An in-memory source (`shared.data.sources.Source`): image i is filled with
     (i, label, 7) so rows are recognisable."""
 
-    groups = None
-
     def __init__(self, labels, size_hint: int = 8) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.ids = [f"r{i}" for i in range(len(self.labels))]
@@ -37,9 +35,6 @@ class ArraySource:
         idx = torch.as_tensor(list(indices))
         vals = torch.stack([idx, torch.as_tensor(self.labels)[idx], torch.full_like(idx, 7)], 1)
         return vals.to(torch.uint8)[:, :, None, None].expand(-1, 3, size, size).clone(), []
-
-    def corrupt_error(self, bad):
-        raise AssertionError(f"an array source has no corrupt rows, got {bad}")
 
 
 # 6 classes with 1..8 images: class 0 has a single image (it can only be in train).
