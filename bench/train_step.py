@@ -67,7 +67,8 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import shared.config  # noqa: F401  (registers the config resolvers)
-from selfsup.dino import DINOModule, clip_grad_per_parameter_, ema_update_
+from selfsup.base import clip_grad_per_parameter_, ema_update_
+from selfsup.dino import DINOModule
 from shared.instantiate import instantiate
 from shared.schedules import cosine_schedule, warmup_then_constant
 
@@ -89,10 +90,10 @@ def build_module(overrides: list[str]) -> tuple[DINOModule, int]:
 
 
 def make_batch(module: DINOModule, batch_size: int, image_size: int, device) -> dict:
-    """One multi-crop batch made by the module's own MultiCrop from random uint8 images."""
+    """One multi-crop batch made by the module's own `augment` (MultiCrop) of random images."""
     g = torch.Generator().manual_seed(SEED)
     images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g)
-    views = module.multicrop(images.to(torch.uint8), generator=g)
+    views = module.augment(images.to(torch.uint8), generator=g)
     return {"views": [v.to(device) for v in views], "labels": torch.zeros(batch_size).long()}
 
 

@@ -68,7 +68,9 @@ def unreadable(path: Path) -> str | None:
 
 
 def check_compatible(ckpt: str, module) -> None:
-    """Refuse a checkpoint of another module class or with different model hyper-parameters."""
+    """Refuse a checkpoint of another module class or with different values of the
+    hyper-parameters the module class declares `resume_sensitive` (shapes, meaning); the
+    others (lr, schedules) may change on resume."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     expected = f"{type(module).__module__}.{type(module).__qualname__}"
     found = state.get("module_class")
@@ -76,28 +78,15 @@ def check_compatible(ckpt: str, module) -> None:
         raise ValueError(f"checkpoint {ckpt} holds a {found}, but the config builds {expected}")
     saved = state.get("hyper_parameters", {})
     current = dict(module.hparams)
+    sensitive = getattr(type(module), "resume_sensitive", frozenset())
     # A null in the config (e.g. num_classes) is filled from the data at setup: not a mismatch.
     diff = {
         k: (saved.get(k), current.get(k))
-        for k in set(saved) | set(current)
-        if k in RESUME_SENSITIVE and current.get(k) is not None and saved.get(k) != current.get(k)
+        for k in sensitive
+        if current.get(k) is not None and saved.get(k) != current.get(k)
     }
     if diff:
-        lines = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
+        lines = ", ".join(
+            f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in sorted(diff.items())
+        )
         raise ValueError(f"checkpoint {ckpt} does not match the config ({lines})")
-
-
-# Keys that change parameter shapes or meaning; others (lr, schedules) may change on resume.
-RESUME_SENSITIVE = {
-    "backbone",
-    "out_dim",
-    "hidden_dim",
-    "bottleneck_dim",
-    "head_layers",
-    "embedding_dim",
-    "num_classes",
-    "train_labels",
-    "model",
-    "head",
-    "subcenters",
-}

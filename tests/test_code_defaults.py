@@ -3,8 +3,8 @@ arguments is the recipe the command line runs.
 
 For every `_target_` of this project in conf/, each plain value the YAML sets (not an
 interpolation) must equal the default of that parameter in the class's own signature; a dict
-passed as keyword arguments to another class (`multicrop`, `synthetic`, `train_transform`) is
-checked against that class's defaults the same way.
+passed as keyword arguments to another class or function (`multicrop`, `views`, `synthetic`,
+`train_transform`) is checked against its defaults the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ META = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Parameters that take a dict of another class's keyword arguments.
 NESTED = {
     ("selfsup.dino.DINOModule", "multicrop"): "shared.data.augment.MultiCrop",
+    ("selfsup.simclr.SimCLRModule", "views"): "selfsup.simclr.simclr_views",
     ("shared.modules.metric_learning.MetricLearningModule", "train_transform"): (
         "shared.data.augment.TrainTransform"
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from lightning import LightningModule
 
@@ -11,7 +13,20 @@ class EmbeddingModule(LightningModule):
 
     Validation and test steps return embeddings with labels and store rows; evaluator
     callbacks (kNN, retrieval metrics, threshold sweep) gather and score them.
+
+    Each module class declares what shared tools need to know of it, so they never name a
+    module: `lr_key`, the hyper-parameter `lr_find` tunes (`lr_override` turns the
+    optimiser lr it finds into that value), and `resume_sensitive`, the hyper-parameters
+    that change parameter shapes or meaning, which a resumed checkpoint must match.
     """
+
+    lr_key: ClassVar[str | None] = None
+    resume_sensitive: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def lr_override(cls, lr: float, global_batch: int) -> dict:
+        """The config value the optimiser lr `lr` stands for (here: the lr itself)."""
+        return {"key": f"module.{cls.lr_key}", "value": lr} if cls.lr_key else {}
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -45,6 +45,9 @@ class MetricLearningModule(EmbeddingModule):
     given, then saved as hyper-parameters so the checkpoint is complete.
     """
 
+    lr_key = "lr"
+    resume_sensitive = frozenset({"backbone", "model", "head", "num_classes", "train_labels"})
+
     def __init__(
         self,
         model: dict,

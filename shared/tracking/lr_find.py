@@ -11,10 +11,11 @@ from `--min-lr` to `--max-lr`, then writes into the output directory (default
     lr_find.png    loss against lr, the suggestion marked (steepest descent)
     lr_find.json   lrs, losses, the suggested optimiser lr and the config override it means
 
-The suggestion is the optimiser's lr; `lr_find.json` also translates it into the config:
-`module.lr` for metric learning (per-group multipliers kept), `module.base_lr` for DINO (the
-lr there is base_lr x global batch / 256). The weights are restored afterwards; nothing else
-of a run (checkpoints, loggers, callbacks) is involved.
+The suggestion is the optimiser's lr; `lr_find.json` also translates it into the config key
+the module class declares (`lr_key`): `module.lr` for metric learning (per-group multipliers
+kept), `module.base_lr` for the self-supervised methods (lr = base_lr x global batch / 256).
+The weights are restored afterwards; nothing else of a run (checkpoints, loggers,
+callbacks) is involved.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import logging
 from pathlib import Path
 
+import hydra
+
 from shared.tracking.compose import PIPELINES, compose_pipeline
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,10 @@ log = logging.getLogger(__name__)
 def let_finder_drive_lr(module) -> None:
     """Keep the finder's lr in the optimiser of modules that set their own lr every step.
 
-    DINO writes its scheduled lr in `on_train_batch_start`, after the finder's scheduler has
-    set it: re-apply the finder's lr after the module's hook. Groups keep their ratio to
-    `hparams.lr` when the module has one (metric learning: backbone / head multipliers).
+    The SSL methods write their scheduled lr in `on_train_batch_start`, after the finder's
+    scheduler has set it: re-apply the finder's lr after the module's hook. Groups keep their
+    ratio to `hparams.lr` when the module has one (metric learning: backbone / head
+    multipliers).
     """
     configure, batch_start = module.configure_optimizers, module.on_train_batch_start
     ratios: list[float] = []
@@ -61,21 +65,17 @@ def let_finder_drive_lr(module) -> None:
 
 
 def config_override(cfg, lr: float | None) -> dict:
-    """The config value the suggested optimiser lr stands for."""
+    """The config value the suggested optimiser lr stands for, as the module class declares
+    it (`lr_key`, `lr_override`): read from `module._target_`, nothing built."""
     if lr is None:
         return {}
-    if "lr" in cfg.module:
-        return {"key": "module.lr", "value": lr}
-    if "base_lr" in cfg.module:  # DINO: lr = base_lr * global batch / 256
-        t = cfg.trainer
-        batch = (
-            cfg.data.batch_size
-            * (t.devices if isinstance(t.devices, int) else 1)
-            * t.get("num_nodes", 1)
-            * t.get("accumulate_grad_batches", 1)
-        )
-        return {"key": "module.base_lr", "value": lr * 256.0 / batch, "global_batch": batch}
-    return {}
+    module_class = hydra.utils.get_class(cfg.module._target_)
+    if not hasattr(module_class, "lr_override"):
+        return {}
+    t = cfg.trainer
+    devices = t.devices if isinstance(t.devices, int) else 1
+    batch = cfg.data.batch_size * devices * t.get("num_nodes", 1)
+    return module_class.lr_override(lr, batch * t.get("accumulate_grad_batches", 1))
 
 
 def lr_find(

@@ -4,23 +4,23 @@ Follows the paper's recipe (Caron et al. 2021, section 3 and appendix): projecti
 head with a weight-normalised last layer, centred and sharpened teacher, teacher-temperature
 warm-up, cosine EMA momentum per step, cosine weight decay, lr warm-up + cosine, last layer
 frozen in the first epoch, per-parameter gradient clipping, multi-crop with one backbone
-pass per resolution, drop path on the student only.
+pass per resolution, drop path on the student only. The parts every method shares (views,
+optimiser, lr / wd / momentum schedules, EMA, clipping) are `selfsup.base.SSLMethod`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from shared.data.augment import EvalTransform, MultiCrop
+from selfsup.base import SSLMethod, freeze_
+from shared.data.augment import MultiCrop
 from shared.models.backbone import TimmBackbone
-from shared.modules.base import EmbeddingModule
-from shared.schedules import at, cosine_schedule, warmup_then_constant
+from shared.schedules import at, warmup_then_constant
 
 
 class DINOHead(nn.Module):
@@ -85,27 +85,6 @@ def dino_loss(
     return cross[keep].mean()
 
 
-@torch.no_grad()
-def clip_grad_per_parameter_(params, max_norm: float) -> None:
-    """Scale each gradient to norm <= max_norm on its own (official DINO `clip_gradients`).
-
-    Same values as a loop of `grad.mul_(min(max_norm / (norm + 1e-6), 1))`, in a few fused
-    calls instead of several small ops per parameter.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norms = torch.stack(torch._foreach_norm(grads))
-        scale = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
-        torch._foreach_mul_(grads, list(scale.unbind()))
-
-
-@torch.no_grad()
-def ema_update_(teacher, student, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, over matching parameter lists."""
-    torch._foreach_mul_(teacher, momentum)
-    torch._foreach_add_(teacher, student, alpha=1 - momentum)
-
-
 class DINOLoss(nn.Module):
     """`dino_loss` plus the teacher centre (a buffer, EMA of the global batch mean)."""
 
@@ -133,18 +112,17 @@ class DINOLoss(nn.Module):
         self.center.mul_(m).add_(batch_sum / count, alpha=1 - m)
 
 
-# Where the multi-crop augmentation runs: in the train loader (its workers augment whole
-# batches in parallel), on the device in `training_step`, or auto: loader on the CPU, device
-# on accelerators (uint8 crosses the bus, the GPU augments).
-AUGMENT_IN = ("auto", "loader", "device")
-
-
-class DINOModule(EmbeddingModule):
+class DINOModule(SSLMethod):
     """Student and EMA teacher (backbone + DINOHead); `embed()` is the teacher backbone.
 
-    Training batches hold either uint8 `images` (augmented here) or ready `views` (augmented
-    by the data module's loader, see `augment_in`).
+    What is DINO's own: the heads, the loss with its centre, the teacher temperature
+    schedule, the frozen last layer in the first epoch(s), drop path on the student only;
+    views, optimiser, lr / wd / momentum schedules, EMA and clipping are `SSLMethod`'s.
     """
+
+    resume_sensitive = frozenset(
+        {"backbone", "out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "use_bn_in_head"}
+    )
 
     def __init__(
         self,
@@ -174,9 +152,7 @@ class DINOModule(EmbeddingModule):
         eval_size: int | None = None,
         augment_in: str = "auto",
     ) -> None:
-        super().__init__()
-        if augment_in not in AUGMENT_IN:
-            raise ValueError(f"module.augment_in must be one of {AUGMENT_IN}, got {augment_in!r}")
+        super().__init__(MultiCrop(**(multicrop or {})), eval_size, augment_in)
         self.save_hyperparameters()
         backbone = dict(backbone)
         backbone.pop("drop_path_rate", None)
@@ -193,24 +169,24 @@ class DINOModule(EmbeddingModule):
         # The teacher starts as an exact copy of the student: a copy, never a shared reference.
         self.teacher_backbone.load_state_dict(self.student_backbone.state_dict())
         self.teacher_head = copy.deepcopy(self.student_head)
-        for p in (*self.teacher_backbone.parameters(), *self.teacher_head.parameters()):
-            p.requires_grad = False
+        for teacher in self.teacher_modules():
+            freeze_(teacher)
         self.criterion = DINOLoss(out_dim, center_momentum)
-        self.multicrop = MultiCrop(**(multicrop or {}))
-        self.eval_transform = EvalTransform(eval_size)
-        self._schedules: dict | None = None
-        self._param_lists: dict | None = None
 
-    # ---- evaluation interface -------------------------------------------------------------
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised teacher-backbone features of un-augmented uint8 images."""
         return F.normalize(self.teacher_backbone(self.eval_transform(images)).float(), dim=-1)
 
-    # ---- training -------------------------------------------------------------------------
+    def student_modules(self) -> list[nn.Module]:
+        return [self.student_backbone, self.student_head]
+
+    def teacher_modules(self) -> list[nn.Module]:
+        return [self.teacher_backbone, self.teacher_head]
+
     def forward_views(self, views: list[torch.Tensor]):
         """One backbone pass per resolution; the heads run on the concatenation."""
-        n_global = self.multicrop.n_global
+        n_global = self.augment.n_global
         globals_ = torch.cat(views[:n_global])
         student_feats = [self.student_backbone(globals_)]
         if len(views) > n_global:
@@ -220,125 +196,22 @@ class DINOModule(EmbeddingModule):
             teacher = self.teacher_head(self.teacher_backbone(globals_))
         return student, teacher
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            dm = self.trainer.datamodule
-            hook = getattr(dm, "set_train_batch_transform", None)
-            mode = self.hparams.augment_in
-            if mode == "auto":
-                on_cpu = self.trainer.strategy.root_device.type == "cpu"
-                mode = "loader" if on_cpu and hook is not None else "device"
-            if mode == "loader" and hook is None:
-                raise ValueError(
-                    "module.augment_in=loader needs a data module with set_train_batch_transform"
-                    f" (StoreDataModule), got {type(dm).__name__}"
-                )
-            if hook is not None:
-                hook(self.multicrop if mode == "loader" else None)
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit":  # hand the loader back its plain uint8 batches
-            hook = getattr(self.trainer.datamodule, "set_train_batch_transform", None)
-            if hook is not None:
-                hook(None)
-
-    def training_step(self, batch, batch_idx):
-        views = batch["views"] if "views" in batch else self.multicrop(batch["images"])
-        n = views[0].shape[0]
+    def views_loss(self, views):
         student, teacher = self.forward_views(views)
         temp = at(self._schedules["teacher_temp"], self.current_epoch)
         loss = self.criterion(student, teacher, len(views), self.hparams.student_temp, temp)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"DINO loss is {loss.item()} at step {self.global_step}")
-        step = self.global_step
-        # Every self.log costs Lightning bookkeeping, so only what is shown or written: the
-        # progress-bar loss when there is a bar, the schedules on the steps loggers write.
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=n)
-        if self.trainer.progress_bar_callback is not None:
-            self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)
-        if self.loggers_write_this_step():
-            self.log_dict(
-                {
-                    "train/lr": at(self._schedules["lr"], step),
-                    "train/wd": at(self._schedules["wd"], step),
-                    "train/momentum": at(self._schedules["momentum"], step),
-                    "train/teacher_temp": temp,
-                },
-                on_step=True,
-                on_epoch=False,
-                batch_size=n,
-            )
-        return loss
-
-    def on_train_batch_start(self, batch, batch_idx):
-        step = self.global_step
-        for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = at(self._schedules["lr"], step)
-            if group["apply_wd"]:
-                group["weight_decay"] = at(self._schedules["wd"], step)
+        return loss, {"train/teacher_temp": temp}
 
     def on_before_optimizer_step(self, optimizer):
-        # Runs after AMP unscaling: clip each parameter's gradient norm on its own (official
-        # DINO clips per parameter, not one global norm), then drop the last layer's grads
-        # during the first epoch(s), which stabilises early training.
-        if self.hparams.clip_grad:
-            clip_grad_per_parameter_(self._train_params()["student"], self.hparams.clip_grad)
+        super().on_before_optimizer_step(optimizer)  # the clip
+        # No last-layer update in the first epoch(s): it stabilises early training.
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
             for p in self.student_head.last_layer.parameters():
                 p.grad = None
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        m = at(self._schedules["momentum"], self.global_step - 1)
-        params = self._train_params()
-        ema_update_(params["teacher"], params["student"], m)
-
-    def on_train_start(self) -> None:
-        self._param_lists = None  # rebuilt at the first step, with the module in place
-
-    def _train_params(self) -> dict:
-        """Student and teacher parameter lists for the per-step clip and EMA, walked once per
-        fit rather than every step (a timm backbone has hundreds of submodules)."""
-        if self._param_lists is None:
-            self._param_lists = {
-                "student": self.student_parameters(),
-                "teacher": [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()],
-            }
-        return self._param_lists
-
-    def student_parameters(self):
-        return [*self.student_backbone.parameters(), *self.student_head.parameters()]
-
-    def configure_optimizers(self):
-        decay, no_decay = [], []
-        for module in (self.student_backbone, self.student_head):
-            for name, p in module.named_parameters():
-                if not p.requires_grad:
-                    continue
-                (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        self._build_schedules()
-        return torch.optim.AdamW(
-            [
-                {"params": decay, "apply_wd": True},
-                {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
-            ],
-            lr=at(self._schedules["lr"], 0),
-            weight_decay=self.hparams.weight_decay,
-        )
-
-    def _build_schedules(self) -> None:
+    def method_schedules(self, total_steps: int, epochs: int) -> dict:
         hp = self.hparams
-        trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)
-        epochs = max(1, trainer.max_epochs or 1)
-        per_epoch = max(1, total // epochs)
-        batch = trainer.datamodule.batch_size * trainer.world_size
-        batch *= trainer.accumulate_grad_batches
-        lr = hp.base_lr * batch / 256.0  # linear scaling rule (Goyal et al. 2017), as DINO
-        self._schedules = {
-            "lr": cosine_schedule(lr, hp.min_lr, total, hp.warmup_epochs * per_epoch),
-            "wd": cosine_schedule(hp.weight_decay, hp.weight_decay_end, total),
-            "momentum": cosine_schedule(hp.momentum_teacher, hp.momentum_teacher_end, total),
-            "teacher_temp": warmup_then_constant(
-                hp.warmup_teacher_temp, hp.teacher_temp, hp.warmup_teacher_temp_epochs, epochs
-            ),
-        }
+        temp = warmup_then_constant(
+            hp.warmup_teacher_temp, hp.teacher_temp, hp.warmup_teacher_temp_epochs, epochs
+        )
+        return {"teacher_temp": temp}

@@ -74,6 +74,8 @@ def budget(command: Command) -> list[str]:
             out += ["module.multicrop.n_local=2"]
             if px:
                 out += ["module.multicrop.global_size=32", "module.multicrop.local_size=16"]
+        if cfg.module._target_.endswith("SimCLRModule") and px:
+            out += ["module.views.size=32"]
     else:
         if "synthetic" in cfg.data.source:  # postings written from the synthetic products
             out += [

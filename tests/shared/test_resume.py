@@ -98,3 +98,18 @@ def test_an_intact_last_ckpt_resumes_and_an_explicit_damaged_one_is_named(tmp_pa
     bad.write_bytes((folder / "last.ckpt").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"ckpt_path='.*bad.ckpt' cannot be read: BadZipFile"):
         resume_checkpoint(str(bad), tmp_path)
+
+
+def test_each_module_class_declares_what_a_resume_must_match(compose_cfg, tmp_path):
+    """SimCLR's declared `resume_sensitive` keys are checked; its lr is free to change."""
+    small = ["module=simclr", "module.proj_hidden_dim=16", "backbone.name=test_resnet"]
+    saved = compose_cfg("ssl", [*TINY_SSL_DATA, *small, "module.proj_output_dim=8"])
+    path = tmp_path / "last.ckpt"
+    write_checkpoint(instantiate(saved.module, "module"), path)
+    other_lr = compose_cfg(
+        "ssl", [*TINY_SSL_DATA, *small, "module.proj_output_dim=8", "module.base_lr=1"]
+    )
+    check_compatible(str(path), instantiate(other_lr.module, "module"))
+    wider = compose_cfg("ssl", [*TINY_SSL_DATA, *small, "module.proj_output_dim=16"])
+    with pytest.raises(ValueError, match="proj_output_dim: checkpoint=8 config=16"):
+        check_compatible(str(path), instantiate(wider.module, "module"))

@@ -6,7 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from selfsup.dino import DINOModule, clip_grad_per_parameter_
+from selfsup.base import clip_grad_per_parameter_
+from selfsup.dino import DINOModule
 from shared.data.datamodule import StoreDataModule
 from shared.data.sources import SyntheticSource
 

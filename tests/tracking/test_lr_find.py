@@ -84,3 +84,19 @@ def test_finder_lr_overrides_dinos_own_schedule(tmp_path, tiny_overrides, monkey
         "value": pytest.approx(1e-3 * 256 / 8),
         "global_batch": 8,
     }
+
+
+@pytest.mark.parametrize(
+    "module,key,factor",
+    [
+        ("simclr", "module.base_lr", 256 / 8),
+        ("dino", "module.base_lr", 256 / 8),
+        ("cgd", "module.lr", 1),
+    ],
+)
+def test_config_override_is_the_module_class_lr_key(tmp_path, tiny_overrides, module, key, factor):
+    """The override names the hyper-parameter the module class declares (`lr_key`); the SSL
+    methods' base_lr is the optimiser lr x 256 / global batch (data.batch_size=8, 1 device)."""
+    cfg = lr_find_mod.compose_pipeline("ssl", [f"module={module}", *tiny_overrides], str(tmp_path))
+    override = lr_find_mod.config_override(cfg, 1e-3)
+    assert override["key"] == key and override["value"] == pytest.approx(1e-3 * factor)
