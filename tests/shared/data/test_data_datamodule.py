@@ -16,6 +16,7 @@ class ArraySource:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.ids = [f"r{i}" for i in range(len(self.labels))]
         self.class_names = [f"c{c}" for c in range(int(self.labels.max()) + 1)]
+        self.groups = None
         self.skip_corrupt = False
         self.loads = 0
 
@@ -24,6 +25,9 @@ class ArraySource:
 
     def describe(self) -> dict:
         return {"kind": "array", "labels": self.labels.tolist()}
+
+    def corrupt_error(self, bad):
+        return ValueError(f"rows {bad} are corrupt")
 
     def load(self, indices, size):
         self.loads += 1
