@@ -2,6 +2,7 @@
 
     python -m shared.linear_probe --run-dir logs/ssl/dino/runs/<time>
     python -m shared.linear_probe --run-dir <run> --lrs 0.01 0.1 1 --epochs 100
+    python -m shared.linear_probe --run-dir <run> --which init    # the untrained baseline
 
 Loads the run (`load_run`, best checkpoint), embeds its train, val and test splits once with
 `module.embed` (the teacher backbone for DINO; un-augmented, L2-normalised) and keeps them in
@@ -164,12 +165,14 @@ def probe_run(
     device: str = "auto",
     seed: int = 0,
 ) -> dict:
-    """Embed a run's splits with its frozen module, probe them; write linear_probe.json."""
+    """Embed a run's splits with its frozen module, probe them; write linear_probe.json
+    (`linear_probe_<which>.json` for `last` and `init`)."""
     from shared.run_loading import load_run
 
-    run = load_run(run_dir, which)
+    run = load_run(run_dir, "best" if which == "init" else which)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    module = run.module.to(device).eval()
+    module = initial_module(run.config) if which == "init" else run.module
+    module = module.to(device).eval()
     features, labels = {}, {}
     for name, loader in split_loaders(run.datamodule).items():
         features[name], labels[name] = embed_loader(module, loader, device)
@@ -177,9 +180,35 @@ def probe_run(
     result = linear_probe(
         features, labels, num_classes, lrs, epochs, batch_size, weight_decay, seed
     )
-    result = {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), **result}
-    write_text(Path(run_dir) / "linear_probe.json", json.dumps(result, indent=1))
+    checkpoint = "init: untrained, built from the run's config and seed"
+    result = {
+        "run_dir": str(run_dir),
+        "checkpoint": checkpoint if which == "init" else str(run.checkpoint),
+        **result,
+    }
+    write_text(Path(run_dir) / output_name(which), json.dumps(result, indent=1))
     return result
+
+
+def output_name(which: str) -> str:
+    return "linear_probe.json" if which == "best" else f"linear_probe_{which}.json"
+
+
+def initial_module(cfg):
+    """The run's network before training: seeded and built as `shared.train.run` builds it
+    (the weights its eval_at_init scored), for modules built whole at construction."""
+    import lightning as L
+
+    from shared.instantiate import instantiate
+
+    L.seed_everything(cfg.seed, workers=True)
+    module = instantiate(cfg.module, "module")
+    if getattr(module, "net", True) is None:
+        raise ValueError(
+            f"--which init: {cfg.module._target_} builds its network from the data at fit "
+            "time, so there is no untrained network to probe from the config alone"
+        )
+    return module
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -197,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=100, help="passes over the train features")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--which", choices=["best", "last"], default="best")
+    p.add_argument(
+        "--which",
+        choices=["best", "last", "init"],
+        default="best",
+        help="checkpoint to probe; init: the untrained network of the run's config and seed",
+    )
     p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="head initialisation and batch order")
     args = p.parse_args(argv)
@@ -220,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"linear probe: lr {result['lr']:g} chosen on val (top-1 {result['val_top1']:.4f}); "
         f"test top-1 {'n/a (no test split)' if test is None else f'{test:.4f}'}"
     )
-    print(f"wrote {Path(args.run_dir) / 'linear_probe.json'}")
+    print(f"wrote {Path(args.run_dir) / output_name(args.which)}")
     return result
 
 

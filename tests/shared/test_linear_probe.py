@@ -96,3 +96,20 @@ def test_command_on_a_run_directory(dino_run, capsys):  # noqa: F811
     again = linear_probe(features, labels, dm.num_classes, lrs=[0.01, 0.1], epochs=5)
     assert {k: written[k] for k in again} == json.loads(json.dumps(again))
     assert written["val_top1"] == max(written["val_top1_per_lr"].values())
+
+
+@pytest.mark.slow
+def test_init_probes_the_untrained_network_of_the_run(dino_run):  # noqa: F811
+    """--which init: the network the run's config and seed build, not the trained weights."""
+    from shared.linear_probe import initial_module
+    from shared.run_loading import load_run
+
+    run = load_run(dino_run.run_dir)
+    fresh, again = initial_module(run.config), initial_module(run.config)
+    trained = run.module.state_dict()
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name])  # seeded: the same every time
+    assert any(not torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+    result = main(["--run-dir", str(dino_run.run_dir), "--which", "init", "--epochs", "2"])
+    assert result["checkpoint"].startswith("init")
+    assert (dino_run.run_dir / "linear_probe_init.json").is_file()
