@@ -15,6 +15,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from shared.config import require_int
+from shared.data.samplers import MPerClassSampler, check_m_per_class
 from shared.data.store import ImageStore, build_store
 
 
@@ -179,12 +180,15 @@ class StoreDataModule(LightningDataModule):
         store_path: str | None = None,
         pin_memory: bool = False,
         drop_last: bool = True,
+        m_per_class: int | None = None,
     ) -> None:
         super().__init__()
         require_int("data.image_size", image_size, 1)
         require_int("data.batch_size", batch_size, 1)
         require_int("data.eval_batch_size", eval_batch_size, 1)
         require_int("data.num_workers", num_workers, 0)
+        if m_per_class is not None:
+            check_m_per_class(m_per_class, batch_size)
         self.source = source
         self.store_root, self.image_size = store_root, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -192,6 +196,7 @@ class StoreDataModule(LightningDataModule):
         self.split_by, self.seed = split_by, seed
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.store_name, self.store_path = store_name, store_path
+        self.m_per_class = m_per_class
         self.store: ImageStore | None = None
         self.train_indices = self.val_indices = self.test_indices = None
         self.train_batch_transform = None
@@ -237,24 +242,37 @@ class StoreDataModule(LightningDataModule):
         return torch.bincount(labels, minlength=self.num_classes).tolist()
 
     def _loader(
-        self, indices, shuffle: bool, batch_size: int, drop_last: bool, transform=None
+        self, indices, shuffle: bool, batch_size: int, drop_last: bool, transform=None, sampler=None
     ) -> DataLoader:
         if len(indices) == 0:
             raise ValueError("cannot build a dataloader over an empty split")
         return DataLoader(
             StoreDataset(self.store, indices),
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last and len(indices) >= batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            drop_last=sampler is not None or (drop_last and len(indices) >= batch_size),
             num_workers=self.num_workers,
             collate_fn=_as_batch if transform is None else TransformBatch(transform),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
+    def train_sampler(self) -> MPerClassSampler | None:
+        """`m_per_class` images of each class in every train batch; None: plain shuffling."""
+        if self.m_per_class is None:
+            return None
+        labels = self.store.labels[torch.as_tensor(self.train_indices)].numpy()
+        return MPerClassSampler(labels, self.m_per_class, self.batch_size, self.seed)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(
-            self.train_indices, True, self.batch_size, self.drop_last, self.train_batch_transform
+            self.train_indices,
+            True,
+            self.batch_size,
+            self.drop_last,
+            self.train_batch_transform,
+            self.train_sampler(),
         )
 
     def bank_dataloader(self) -> DataLoader:

@@ -46,6 +46,7 @@ class Command:
             return {
                 "shared.export.onnx": "export",
                 "shared.tracking.lr_find": "lr_find",
+                "shared.linear_probe": "linear_probe",
                 "shared.tracking.wandb_offline": "wandb_offline",
             }.get(a[2], "unknown")
         if a[0] == "python" and len(a) > 1:

@@ -145,6 +145,7 @@ TOOL_SCRIPTS = {
     "infer": "product-matching/infer.py",
     "export": "shared/export/onnx.py",
     "lr_find": "shared/tracking/lr_find.py",
+    "linear_probe": "shared/linear_probe.py",
 }
 TOOLS = [c for c in COMMANDS if c.kind in (*TOOL_SCRIPTS, "bench")]
 
