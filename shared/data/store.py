@@ -125,6 +125,9 @@ def build_store(
             "version": STORE_VERSION,
             "image_size": image_size,
             "source": {k: v for k, v in description.items() if k != "files"},
+            "checksums": {
+                name: file_digests(tmp / "tensors" / f"{name}.memmap") for name in TENSORS
+            },
             **meta,
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -143,10 +146,38 @@ def build_store(
 _ANNOUNCED: set[Path] = set()
 
 
-def _damage(path: Path) -> str | None:
+TENSORS = ("images", "labels", "row")
+SAMPLED_BLOCKS, BLOCK = 32, 1 << 16  # what a reuse reads back: at most 2 MiB per file
+
+
+def file_digests(file: Path) -> dict:
+    """sha256 of the whole file and of `SAMPLED_BLOCKS` blocks spread evenly over it."""
+    return {"sha256": _sha256(file), "sampled_sha256": _sampled_sha256(file)}
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sampled_sha256(file: Path) -> str:
+    size = file.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(file, "rb") as handle:
+        for i in range(SAMPLED_BLOCKS):
+            handle.seek(max(0, size - BLOCK) * i // max(1, SAMPLED_BLOCKS - 1))
+            digest.update(handle.read(BLOCK))
+    return digest.hexdigest()
+
+
+def _damage(path: Path, full: bool = False) -> str | None:
     """What is wrong with the files of the complete-looking store at `path`, or None: each
     memmap must hold exactly the rows meta.json promises (a copy cut short by a full disk or
-    a killed rsync would otherwise read as zero-filled images)."""
+    a killed rsync would otherwise read as zero-filled images), and its sampled blocks (every
+    byte with `full`) must hash as at publish (bit rot, a partial overwrite)."""
     meta = json.loads((Path(path) / "meta.json").read_text())
     n, size = int(meta["num_images"]), int(meta["image_size"])
     expected = {"images": n * 3 * size * size, "labels": n * 8, "row": n * 8}
@@ -155,7 +186,19 @@ def _damage(path: Path) -> str | None:
         actual = file.stat().st_size if file.is_file() else None
         if actual != nbytes:
             return f"{file.name} holds {actual} bytes, expected {nbytes}"
+    for name, recorded in (meta.get("checksums") or {}).items():  # stores before: sizes only
+        file = Path(path) / "tensors" / f"{name}.memmap"
+        kind, found = (
+            ("sha256", _sha256(file)) if full else ("sampled_sha256", _sampled_sha256(file))
+        )
+        if found != recorded[kind]:
+            return f"{file.name} does not match its {kind} recorded at publish"
     return None
+
+
+def check_store(path: str | Path) -> str | None:
+    """Every byte of a store against the checksums recorded at publish: None if intact."""
+    return _damage(Path(path), full=True)
 
 
 def _store_key_at(path: Path) -> str | None:
@@ -241,3 +284,21 @@ def _compact(tensors: TensorDict, keep: torch.Tensor, tmp: Path, chunk_size: int
     shutil.rmtree(tmp / "tensors")
     os.replace(tmp / "compact", tmp / "tensors")
     return compact
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m shared.data.store --check <store dir> [...]`: full check of stores."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--check", nargs="+", required=True, metavar="STORE_DIR")
+    bad = 0
+    for path in parser.parse_args(argv).check:
+        problem = check_store(path)
+        print(f"{path}: {problem or 'intact'}")
+        bad += problem is not None
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
