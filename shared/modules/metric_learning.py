@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.data.augment import EvalTransform, TrainTransform
+from shared.models.backbone import both_inits_error, init_from_run
 from shared.models.cgd import CGDNet, batch_hard_triplet_loss, cgd_aux_loss
 from shared.models.dolg import DOLGNet
 from shared.models.margin_heads import ArcFaceHead
@@ -28,9 +29,8 @@ def build_embedding_net(model: dict, backbone: dict, num_classes: int | None):
     if kind == "dolg":
         return DOLGNet(backbone["name"], pretrained_path=backbone.get("pretrained_path"), **kwargs)
     if kind == "cgd":
-        bb = {
-            k: v for k, v in backbone.items() if k not in ("name", "features_only", "out_indices")
-        }
+        skip = ("name", "features_only", "out_indices", "init_from_run")  # the module applies it
+        bb = {k: v for k, v in backbone.items() if k not in skip}
         return CGDNet(backbone["name"], num_classes=num_classes, backbone_kwargs=bb, **kwargs)
     raise ValueError(f"module.model.type must be 'cgd' or 'dolg', got {kind!r}")
 
@@ -47,6 +47,7 @@ class MetricLearningModule(EmbeddingModule):
 
     lr_key = "lr"
     resume_sensitive = frozenset({"backbone", "model", "head", "num_classes", "train_labels"})
+    embed_backbone = "net.backbone"
 
     def __init__(
         self,
@@ -71,7 +72,10 @@ class MetricLearningModule(EmbeddingModule):
         eval_size: int | None = None,
     ) -> None:
         super().__init__()
+        if backbone.get("init_from_run") and backbone.get("pretrained_path"):
+            raise ValueError(both_inits_error(backbone))
         self.save_hyperparameters()
+        self._backbone_initialised = False
         self.net = None
         self.head = None
         self.train_transform = TrainTransform(**(train_transform or {"size": 64}))
@@ -92,8 +96,20 @@ class MetricLearningModule(EmbeddingModule):
         self.head = ArcFaceHead(dim, num_classes, class_counts=counts, **hp.head)
 
     def setup(self, stage: str) -> None:
-        if self.net is not None:
+        if self.net is None:
+            self._build_from_data()
+        self._init_backbone_from_run()
+
+    def _init_backbone_from_run(self) -> None:
+        """`backbone.init_from_run` once, at the first stage (the baseline evaluation included);
+        never when a checkpoint (a resume, a loaded run) provides the weights."""
+        run_dir = self.hparams.backbone.get("init_from_run")
+        if not run_dir or self._backbone_initialised or self.trainer.ckpt_path:
             return
+        init_from_run(self.net.backbone, self.hparams.backbone)
+        self._backbone_initialised = True
+
+    def _build_from_data(self) -> None:
         dm = self.trainer.datamodule
         all_counts = dm.train_class_counts()  # per store label
         train_labels = [c for c, n in enumerate(all_counts) if n > 0]
