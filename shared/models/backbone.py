@@ -118,6 +118,19 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.model(x)
 
+    def depth_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters by depth, shallowest first: timm's coarse groups (a ResNet's stem,
+        layer1..layer4; a ViT's stem, each block), for layer-wise lr decay. A features-only
+        model keeps its parameter names but not the method: ask a plain one for the rules."""
+        from timm.models import group_parameters
+
+        rules = self.model if hasattr(self.model, "group_matcher") else None
+        if rules is None:
+            rules = timm.create_model(self.name, pretrained=False, num_classes=0)
+        groups = group_parameters(self.model, rules.group_matcher(coarse=True))
+        params = dict(self.model.named_parameters())
+        return [[params[n] for n in groups[k]] for k in sorted(groups)]
+
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop wrapper prefixes that checkpoints add ("module.", "backbone.model.", ...)."""

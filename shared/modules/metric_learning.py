@@ -60,6 +60,8 @@ class MetricLearningModule(EmbeddingModule):
         dynamic_margins: bool = False,
         lr: float = 1e-3,
         backbone_lr_mult: float = 1.0,
+        layer_decay: float | None = None,
+        head_warmup_epochs: int = 0,
         head_lr_mult: float = 10.0,
         weight_decay: float = 1e-4,
         warmup_epochs: int = 1,
@@ -74,6 +76,10 @@ class MetricLearningModule(EmbeddingModule):
         super().__init__()
         if backbone.get("init_from_run") and backbone.get("pretrained_path"):
             raise ValueError(both_inits_error(backbone))
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"module.layer_decay must be in (0, 1] or null, got {layer_decay}")
+        if head_warmup_epochs < 0:
+            raise ValueError(f"module.head_warmup_epochs must be >= 0, got {head_warmup_epochs}")
         self.save_hyperparameters()
         self._backbone_initialised = False
         self.net = None
@@ -165,30 +171,59 @@ class MetricLearningModule(EmbeddingModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(labels))
         return loss
 
+    def backbone_param_groups(self) -> list[dict]:
+        """The backbone's parameter groups: one at `lr x backbone_lr_mult`, or with
+        `layer_decay` one per depth (timm's coarse groups: a ResNet's stem, layer1..layer4; a
+        ViT's stem, blocks), the deepest at that lr and each shallower one x layer_decay more:
+        early, generic features move least (BEiT, Bao et al. 2021; ELECTRA's layer decay)."""
+        hp = self.hparams
+        lr = hp.lr * hp.backbone_lr_mult
+        if hp.layer_decay is None:
+            return [{"params": list(self.net.backbone.parameters()), "lr": lr}]
+        depths = self.net.backbone.depth_groups()
+        return [
+            {"params": params, "lr": lr * hp.layer_decay ** (len(depths) - 1 - i)}
+            for i, params in enumerate(depths)
+        ]
+
     def configure_optimizers(self):
         hp = self.hparams
-        backbone = list(self.net.backbone.parameters())
-        ids = {id(p) for p in backbone}
+        backbone = self.backbone_param_groups()
+        ids = {id(p) for g in backbone for p in g["params"]}
         neck = [p for p in self.net.parameters() if id(p) not in ids]
         groups = [
-            {"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
+            *backbone,
             {"params": neck, "lr": hp.lr},
             {"params": self.head.parameters(), "lr": hp.lr * hp.head_lr_mult},
         ]
         opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total - 1, hp.warmup_epochs * total // max(1, self.trainer.max_epochs or 1))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total, hp.min_lr_ratio))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        if hp.head_warmup_epochs and hp.head_warmup_epochs >= epochs:
+            raise ValueError(
+                f"module.head_warmup_epochs={hp.head_warmup_epochs} leaves no epoch of the "
+                f"trainer.max_epochs={epochs} to train the backbone"
+            )
+        warmup = min(total - 1, hp.warmup_epochs * total // epochs)
+        frozen = hp.head_warmup_epochs * total // epochs
+        factors = [WarmupCosine(warmup, total, hp.min_lr_ratio, frozen)] * len(backbone)
+        factors += [WarmupCosine(warmup, total, hp.min_lr_ratio)] * 2
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class WarmupCosine:
     """lr factor: `shared.schedules.warmup_cosine` from 1/warmup up to 1, then down to
-    `min_ratio` (a picklable LambdaLR callable: its plain fields go into checkpoints)."""
+    `min_ratio`; 0 for the first `frozen` steps (the backbone during the head-only warm-up:
+    AdamW with lr 0 leaves a weight exactly as it is, weight decay included, and unlike
+    requires_grad=False it keeps DDP's gradient buckets unchanged). A picklable LambdaLR
+    callable: its plain fields go into checkpoints."""
 
-    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+    def __init__(self, warmup: int, total: int, min_ratio: float, frozen: int = 0) -> None:
+        self.warmup, self.total, self.min_ratio, self.frozen = warmup, total, min_ratio, frozen
 
     def __call__(self, step: int) -> float:
+        if step < self.frozen:
+            return 0.0
         start = 1.0 / max(1, self.warmup)
         return float(warmup_cosine(step, 1.0, self.min_ratio, self.total, self.warmup, start))
