@@ -69,11 +69,8 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str = "cpu"
     """Resolved config + module with the chosen weights + data module of a run directory."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / ".hydra" / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {cfg_file} is missing")
-    # run() writes the config with every interpolation resolved beside .hydra/; prefer it.
     resolved_file = run_dir / "config_resolved.yaml"
-    cfg = OmegaConf.load(resolved_file if resolved_file.is_file() else cfg_file)
+    cfg = OmegaConf.load(run_config_file(run_dir))
     for key in ("module", "data"):
         if key not in cfg or "_target_" not in cfg[key]:
             raise ValueError(f"{cfg_file} has no {key}._target_: is it from another version?")
@@ -97,6 +94,50 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str = "cpu"
         state.get("callbacks", {}),
         state.get(CHOSEN, {}),
     )
+
+
+def run_config_file(run_dir: Path) -> Path:
+    """The run's config: run() writes it with every interpolation resolved beside .hydra/
+    (preferred), Hydra writes .hydra/config.yaml."""
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {cfg_file} is missing")
+    resolved_file = run_dir / "config_resolved.yaml"
+    return resolved_file if resolved_file.is_file() else cfg_file
+
+
+@dataclass
+class RunBackbone:
+    """The backbone a run's `embed()` uses, as weights: what `backbone.init_from_run` copies."""
+
+    checkpoint: Path
+    config: dict  # the run's resolved `backbone` group
+    source: str  # e.g. "selfsup.dino.DINOModule.teacher_backbone"
+    state: dict[str, torch.Tensor]  # the TimmBackbone's timm model state dict
+
+
+def backbone_from_run(run_dir: str | Path, which: str = "best") -> RunBackbone:
+    """The embedding backbone of a run directory's chosen checkpoint, without building the
+    module: its class says where the backbone lives (`embed_backbone`)."""
+    run_dir = Path(run_dir)
+    cfg_file = run_config_file(run_dir)
+    cfg = OmegaConf.load(cfg_file)
+    for key in ("backbone", "module"):
+        if key not in cfg:
+            raise ValueError(f"{cfg_file} has no `{key}` group: is it from another version?")
+    check_targets(cfg.module, f"{cfg_file.name}: module")
+    target = cfg.module._target_
+    attr = getattr(module_class(target), "embed_backbone", None)
+    if not attr:
+        raise ValueError(f"{target} (module of {run_dir}) declares no embed_backbone to copy")
+    ckpt = find_checkpoint(run_dir, which)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict", {})
+    prefix = f"{attr}.model."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{ckpt} holds no {prefix}* weights: not a checkpoint of {target}")
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    return RunBackbone(ckpt, backbone, f"{target}.{attr}", weights)
 
 
 # A run directory may come from elsewhere (a downloaded W&B or MLflow artifact): its config
@@ -132,14 +173,7 @@ def build_module(target: str, state: dict, ckpt: Path) -> torch.nn.Module:
             f"{ckpt} has no {' and no '.join(missing)}: not a checkpoint written "
             "by this project's run()"
         )
-    try:
-        module_cls = hydra.utils.get_class(target)
-    except Exception as exc:
-        reason = " ".join(str(exc).split())
-        raise ImportError(
-            f"module._target_={target!r} of the run's config cannot be imported "
-            f"({reason}); is the config from another version of the code?"
-        ) from exc
+    module_cls = module_class(target)
     hparams = dict(state["hyper_parameters"])
     params = inspect.signature(module_cls.__init__).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -168,6 +202,17 @@ def build_module(target: str, state: dict, ckpt: Path) -> torch.nn.Module:
             f"(e.g. {result.unexpected_keys[:3]})"
         )
     return module
+
+
+def module_class(target: str) -> type:
+    try:
+        return hydra.utils.get_class(target)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())
+        raise ImportError(
+            f"module._target_={target!r} of the run's config cannot be imported "
+            f"({reason}); is the config from another version of the code?"
+        ) from exc
 
 
 class open_output_dir:

@@ -110,7 +110,17 @@ RECIPES = {
     "matching_dolg": ("matching", []),
     "matching_cgd": ("matching", ["module=cgd"]),
     "matching_shopee_256_gpu": ("matching", ["data.image_size=256", "trainer=gpu"]),
+    "matching_from_dino": (
+        "matching",
+        [
+            "module.backbone_lr_mult=0.1",
+            "module.layer_decay=0.7",
+            "module.head_warmup_epochs=1",
+        ],
+    ),
 }
+# What the user must give on top of the recipe (the experiment leaves it ???).
+GIVEN = {"matching_from_dino": ["backbone.init_from_run=/runs/dino"]}
 SHOPEE = ["data.source.csv_path=/shopee/train.csv", "data.source.image_dir=/shopee/train_images"]
 
 
@@ -119,7 +129,7 @@ def test_experiment_equals_the_command_it_names(compose_cfg, name):
     """`experiment=<name>` composes with its pipeline into exactly the config of the README
     command it spells out (the run's name aside)."""
     primary, command = RECIPES[name]
-    data = SHOPEE if "shopee" in name else []
+    data = (SHOPEE if "shopee" in name else []) + GIVEN.get(name, [])
     recipe = compose_cfg(primary, [f"experiment={name}", *data, "task_name=x"])
     typed = compose_cfg(primary, [*command, *data, "task_name=x"])
     assert OmegaConf.to_container(recipe) == OmegaConf.to_container(typed)

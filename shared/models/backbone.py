@@ -1,17 +1,21 @@
 """A timm model as a feature extractor, with weights only from a local file.
 
 Run time never touches a model hub: `pretrained_path` is a file the user downloaded
-themselves (a timm/torchvision state dict or a Lightning checkpoint).
+themselves (a timm/torchvision state dict or a Lightning checkpoint); `init_from_run` is a
+run directory of this project (e.g. a DINO run) whose trained backbone is copied.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def _unknown_model_error(name: str) -> ValueError:
@@ -61,9 +65,15 @@ class TimmBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         img_size: int | None = None,
         strict: bool = True,
+        init_from_run: str | None = None,
         **timm_kwargs,
     ) -> None:
         super().__init__()
+        if init_from_run:
+            raise ValueError(
+                f"backbone.init_from_run={init_from_run!r} is applied by the metric-learning "
+                "module (module=dolg|cgd) after it builds its net; this module does not use it"
+            )
         if pretrained and not pretrained_path:
             raise ValueError(
                 f"backbone.pretrained=true for {name!r} but no backbone.pretrained_path: "
@@ -108,6 +118,19 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.model(x)
 
+    def depth_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters by depth, shallowest first: timm's coarse groups (a ResNet's stem,
+        layer1..layer4; a ViT's stem, each block), for layer-wise lr decay. A features-only
+        model keeps its parameter names but not the method: ask a plain one for the rules."""
+        from timm.models import group_parameters
+
+        rules = self.model if hasattr(self.model, "group_matcher") else None
+        if rules is None:
+            rules = timm.create_model(self.name, pretrained=False, num_classes=0)
+        groups = group_parameters(self.model, rules.group_matcher(coarse=True))
+        params = dict(self.model.named_parameters())
+        return [[params[n] for n in groups[k]] for k in sorted(groups)]
+
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop wrapper prefixes that checkpoints add ("module.", "backbone.model.", ...)."""
@@ -142,3 +165,61 @@ def _select_model_weights(
         return _strip_prefixes(state)
     best = max(votes, key=lambda p: (votes[p], "teacher" in p, -len(p)))
     return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
+
+
+# Backbone keys that change neither the weights' shapes nor what they compute at evaluation:
+# they may differ between the run that trained a backbone and the run that starts from it.
+NOT_ARCHITECTURE = frozenset(
+    {
+        "pretrained",
+        "pretrained_path",
+        "init_from_run",
+        "features_only",
+        "out_indices",
+        "drop_path_rate",
+        "strict",
+    }
+)
+
+
+def check_same_backbone(theirs: dict, ours: dict, run_dir: str) -> None:
+    """Every architecture key of the backbone group equal in both runs, or a ValueError."""
+    for key in sorted((set(theirs) | set(ours)) - NOT_ARCHITECTURE):
+        if theirs.get(key) != ours.get(key):
+            raise ValueError(
+                f"backbone.{key}={ours.get(key)!r} here, but backbone.init_from_run={run_dir!r} "
+                f"trained backbone.{key}={theirs.get(key)!r}: fine-tune the backbone that run "
+                f"trained (set backbone.{key}={theirs.get(key)!r})"
+            )
+
+
+def init_from_run(backbone: TimmBackbone, cfg: dict) -> None:
+    """Copy into `backbone` the embedding backbone of the run `cfg["init_from_run"]` (a DINO
+    run: its teacher), after checking both runs' backbone groups describe one network."""
+    from shared.run_loading import backbone_from_run  # hydra, only when a run is read
+
+    run_dir = cfg["init_from_run"]
+    if cfg.get("pretrained_path"):
+        raise ValueError(both_inits_error(cfg))
+    src = backbone_from_run(run_dir)
+    check_same_backbone(src.config, cfg, run_dir)
+    own = backbone.model.state_dict()
+    missing = sorted(set(own) - set(src.state))
+    unexpected = sorted(set(src.state) - set(own))
+    reshaped = [k for k in own if k in src.state and own[k].shape != src.state[k].shape]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"backbone.init_from_run={run_dir!r}: {src.source} of {src.checkpoint} does not fit "
+            f"{backbone.name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}, other "
+            f"shapes {reshaped[:3]}"
+        )
+    backbone.model.load_state_dict(src.state, strict=True)
+    log.info("backbone initialised from %s of %s", src.source, src.checkpoint)
+
+
+def both_inits_error(cfg: dict) -> str:
+    return (
+        f"backbone.pretrained_path={cfg.get('pretrained_path')!r} and backbone.init_from_run="
+        f"{cfg.get('init_from_run')!r} both set: the backbone starts from one of them, "
+        "set the other to null"
+    )

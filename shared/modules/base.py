@@ -17,11 +17,14 @@ class EmbeddingModule(LightningModule):
     Each module class declares what shared tools need to know of it, so they never name a
     module: `lr_key`, the hyper-parameter `lr_find` tunes (`lr_override` turns the
     optimiser lr it finds into that value), and `resume_sensitive`, the hyper-parameters
-    that change parameter shapes or meaning, which a resumed checkpoint must match.
+    that change parameter shapes or meaning, which a resumed checkpoint must match;
+    `embed_backbone`, the attribute path of the `TimmBackbone` that `embed()` runs, which
+    another run's `backbone.init_from_run` copies.
     """
 
     lr_key: ClassVar[str | None] = None
     resume_sensitive: ClassVar[frozenset[str]] = frozenset()
+    embed_backbone: ClassVar[str | None] = None
 
     @classmethod
     def lr_override(cls, lr: float, global_batch: int) -> dict:

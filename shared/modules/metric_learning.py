@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.data.augment import EvalTransform, TrainTransform
+from shared.models.backbone import both_inits_error, init_from_run
 from shared.models.cgd import CGDNet, batch_hard_triplet_loss, cgd_aux_loss
 from shared.models.dolg import DOLGNet
 from shared.models.margin_heads import ArcFaceHead
@@ -28,9 +29,8 @@ def build_embedding_net(model: dict, backbone: dict, num_classes: int | None):
     if kind == "dolg":
         return DOLGNet(backbone["name"], pretrained_path=backbone.get("pretrained_path"), **kwargs)
     if kind == "cgd":
-        bb = {
-            k: v for k, v in backbone.items() if k not in ("name", "features_only", "out_indices")
-        }
+        skip = ("name", "features_only", "out_indices", "init_from_run")  # the module applies it
+        bb = {k: v for k, v in backbone.items() if k not in skip}
         return CGDNet(backbone["name"], num_classes=num_classes, backbone_kwargs=bb, **kwargs)
     raise ValueError(f"module.model.type must be 'cgd' or 'dolg', got {kind!r}")
 
@@ -47,6 +47,7 @@ class MetricLearningModule(EmbeddingModule):
 
     lr_key = "lr"
     resume_sensitive = frozenset({"backbone", "model", "head", "num_classes", "train_labels"})
+    embed_backbone = "net.backbone"
 
     def __init__(
         self,
@@ -59,6 +60,8 @@ class MetricLearningModule(EmbeddingModule):
         dynamic_margins: bool = False,
         lr: float = 1e-3,
         backbone_lr_mult: float = 1.0,
+        layer_decay: float | None = None,
+        head_warmup_epochs: int = 0,
         head_lr_mult: float = 10.0,
         weight_decay: float = 1e-4,
         warmup_epochs: int = 1,
@@ -71,7 +74,14 @@ class MetricLearningModule(EmbeddingModule):
         eval_size: int | None = None,
     ) -> None:
         super().__init__()
+        if backbone.get("init_from_run") and backbone.get("pretrained_path"):
+            raise ValueError(both_inits_error(backbone))
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"module.layer_decay must be in (0, 1] or null, got {layer_decay}")
+        if head_warmup_epochs < 0:
+            raise ValueError(f"module.head_warmup_epochs must be >= 0, got {head_warmup_epochs}")
         self.save_hyperparameters()
+        self._backbone_initialised = False
         self.net = None
         self.head = None
         self.train_transform = TrainTransform(**(train_transform or {"size": 64}))
@@ -92,8 +102,20 @@ class MetricLearningModule(EmbeddingModule):
         self.head = ArcFaceHead(dim, num_classes, class_counts=counts, **hp.head)
 
     def setup(self, stage: str) -> None:
-        if self.net is not None:
+        if self.net is None:
+            self._build_from_data()
+        self._init_backbone_from_run()
+
+    def _init_backbone_from_run(self) -> None:
+        """`backbone.init_from_run` once, at the first stage (the baseline evaluation included);
+        never when a checkpoint (a resume, a loaded run) provides the weights."""
+        run_dir = self.hparams.backbone.get("init_from_run")
+        if not run_dir or self._backbone_initialised or self.trainer.ckpt_path:
             return
+        init_from_run(self.net.backbone, self.hparams.backbone)
+        self._backbone_initialised = True
+
+    def _build_from_data(self) -> None:
         dm = self.trainer.datamodule
         all_counts = dm.train_class_counts()  # per store label
         train_labels = [c for c, n in enumerate(all_counts) if n > 0]
@@ -149,30 +171,59 @@ class MetricLearningModule(EmbeddingModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(labels))
         return loss
 
+    def backbone_param_groups(self) -> list[dict]:
+        """The backbone's parameter groups: one at `lr x backbone_lr_mult`, or with
+        `layer_decay` one per depth (timm's coarse groups: a ResNet's stem, layer1..layer4; a
+        ViT's stem, blocks), the deepest at that lr and each shallower one x layer_decay more:
+        early, generic features move least (BEiT, Bao et al. 2021; ELECTRA's layer decay)."""
+        hp = self.hparams
+        lr = hp.lr * hp.backbone_lr_mult
+        if hp.layer_decay is None:
+            return [{"params": list(self.net.backbone.parameters()), "lr": lr}]
+        depths = self.net.backbone.depth_groups()
+        return [
+            {"params": params, "lr": lr * hp.layer_decay ** (len(depths) - 1 - i)}
+            for i, params in enumerate(depths)
+        ]
+
     def configure_optimizers(self):
         hp = self.hparams
-        backbone = list(self.net.backbone.parameters())
-        ids = {id(p) for p in backbone}
+        backbone = self.backbone_param_groups()
+        ids = {id(p) for g in backbone for p in g["params"]}
         neck = [p for p in self.net.parameters() if id(p) not in ids]
         groups = [
-            {"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
+            *backbone,
             {"params": neck, "lr": hp.lr},
             {"params": self.head.parameters(), "lr": hp.lr * hp.head_lr_mult},
         ]
         opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total - 1, hp.warmup_epochs * total // max(1, self.trainer.max_epochs or 1))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total, hp.min_lr_ratio))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        if hp.head_warmup_epochs and hp.head_warmup_epochs >= epochs:
+            raise ValueError(
+                f"module.head_warmup_epochs={hp.head_warmup_epochs} leaves no epoch of the "
+                f"trainer.max_epochs={epochs} to train the backbone"
+            )
+        warmup = min(total - 1, hp.warmup_epochs * total // epochs)
+        frozen = hp.head_warmup_epochs * total // epochs
+        factors = [WarmupCosine(warmup, total, hp.min_lr_ratio, frozen)] * len(backbone)
+        factors += [WarmupCosine(warmup, total, hp.min_lr_ratio)] * 2
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class WarmupCosine:
     """lr factor: `shared.schedules.warmup_cosine` from 1/warmup up to 1, then down to
-    `min_ratio` (a picklable LambdaLR callable: its plain fields go into checkpoints)."""
+    `min_ratio`; 0 for the first `frozen` steps (the backbone during the head-only warm-up:
+    AdamW with lr 0 leaves a weight exactly as it is, weight decay included, and unlike
+    requires_grad=False it keeps DDP's gradient buckets unchanged). A picklable LambdaLR
+    callable: its plain fields go into checkpoints."""
 
-    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+    def __init__(self, warmup: int, total: int, min_ratio: float, frozen: int = 0) -> None:
+        self.warmup, self.total, self.min_ratio, self.frozen = warmup, total, min_ratio, frozen
 
     def __call__(self, step: int) -> float:
+        if step < self.frozen:
+            return 0.0
         start = 1.0 / max(1, self.warmup)
         return float(warmup_cosine(step, 1.0, self.min_ratio, self.total, self.warmup, start))

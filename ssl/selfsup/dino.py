@@ -123,6 +123,7 @@ class DINOModule(SSLMethod):
     resume_sensitive = frozenset(
         {"backbone", "out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "use_bn_in_head"}
     )
+    embed_backbone = "teacher_backbone"  # the network DINO evaluates and hands on
 
     def __init__(
         self,

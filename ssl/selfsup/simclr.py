@@ -65,6 +65,7 @@ class SimCLRModule(SSLMethod):
     """Backbone + projector (Linear-BN-ReLU-Linear); `embed()` is the backbone."""
 
     resume_sensitive = frozenset({"backbone", "proj_hidden_dim", "proj_output_dim"})
+    embed_backbone = "backbone"
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ the SLURM cluster are not run here (the SLURM ones run in `tests/slurm`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -35,6 +36,8 @@ def not_here(command: Command) -> str | None:
         return "runs on the SLURM cluster (tests/slurm)"
     if "wandb_online=true" in text or "tracking_uri=http" in text:
         return "needs a network service"
+    if "init_from_run=" in text:
+        return "starts from the run of the command before it (test_catalog_to_matcher_chain)"
     return None
 
 
@@ -232,3 +235,38 @@ def test_infer_export_lr_find_and_wandb_offline_as_typed(workspace):
         run(argv + extra, workspace)
     found = list(workspace.glob("logs/**/lr_find/*/lr_find.json"))
     assert len(found) == len(tool_command("lr_find"))
+
+
+def test_catalog_to_matcher_chain(workspace):
+    """DINO on the postings, then the matcher from its teacher: both commands as typed. The
+    matcher's log names DINO's checkpoint, and its backbone's stem (lr x0.1 x0.7^4, held
+    still in the first epoch) ends next to DINO's teacher, not to its own random start."""
+    from shared.models.backbone import TimmBackbone
+    from shared.run_loading import backbone_from_run
+
+    dino_cmd, match_cmd = (
+        next(c for c in RUNNABLE if c.text.startswith(start))
+        for start in (
+            "python ssl/run.py experiment=dino_resnet18 data/source=postings",
+            "python product-matching/run.py experiment=matching_from_dino",
+        )
+    )
+    # another seed than the matcher's: at this budget DINO's teacher is still almost its
+    # random start, which with one seed would be the matcher's own random start as well
+    run(with_budget(dino_cmd, list(dino_cmd.argv)) + ["seed=1"], workspace)
+    dino_dir = newest_run(workspace, "ssl", "dino_resnet18")
+    argv = substitute(match_cmd.argv, {"logs/ssl/dino_resnet18/runs/<time>": str(dino_dir)})
+    match_cmd = dataclasses.replace(match_cmd, argv=tuple(argv))  # the user's own path typed
+    out = run(with_budget(match_cmd, argv), workspace)
+    teacher = backbone_from_run(dino_dir)
+    logs = out.stdout + out.stderr
+    assert f"backbone initialised from {teacher.source} of {teacher.checkpoint}" in logs
+    assert teacher.source.endswith("DINOModule.teacher_backbone")
+    tuned = backbone_from_run(newest_run(workspace, "product-matching", "matching_from_dino"))
+    torch.manual_seed(0)
+    fresh = TimmBackbone("test_resnet").model.state_dict()
+    stem = [k for k, v in teacher.state.items() if not k.startswith("layer") and v.dim() == 4]
+    for key in stem:
+        to_teacher = (tuned.state[key] - teacher.state[key]).abs().max()
+        to_fresh = (tuned.state[key] - fresh[key]).abs().max()
+        assert to_teacher < 1e-3 and to_teacher < to_fresh / 10, key
