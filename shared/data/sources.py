@@ -327,6 +327,8 @@ class CsvSource(FileSource):
         self.ids = df[id_col].tolist() if id_col else [str(p) for p in df[image_col]]
         self.group_col = group_col
         self.groups = df[group_col].tolist() if group_col else None
+        # Listing titles for matching by text ("" where a row has none); None: no such column.
+        self.titles = df["title"].tolist() if "title" in df.columns else None
         self.frame = df
 
     def describe(self) -> dict:
@@ -410,6 +412,10 @@ class SyntheticSource:
 
     def __len__(self) -> int:
         return len(self.products)
+
+    @property
+    def titles(self) -> list[str]:
+        return self.products.titles
 
     def corrupt_error(self, bad: list[int]) -> Exception:
         return CorruptImagesError(f"synthetic rows failed to render: {bad[:5]}")
