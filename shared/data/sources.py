@@ -388,10 +388,12 @@ def synthetic_postings(root: str | Path, spec) -> Path:
     import json
     from dataclasses import asdict
 
-    from shared.data.synthetic import SyntheticProducts, write_image_folder_csv
+    from shared.data.synthetic import GENERATOR_VERSION, SyntheticProducts, write_image_folder_csv
 
     products = SyntheticProducts(spec)
-    key = hashlib.sha1(json.dumps(asdict(products.spec), sort_keys=True).encode()).hexdigest()
+    # The generator version is part of the key: a new version writes a new folder.
+    described = {**asdict(products.spec), "generator_version": GENERATOR_VERSION}
+    key = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()
     return write_image_folder_csv(products, Path(root) / key[:10])
 
 
