@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,15 @@ import numpy as np
 from shared.atomic import write_text
 from shared.callbacks.embeddings import EmbeddingCallback
 from shared.plots import plot_threshold_sweep
+from shared.retrieval.combine import TextCombination, candidate_pairs, sweep_pairs, title_knn
 from shared.retrieval.metrics import retrieval_metrics
 from shared.retrieval.search import knn_search
+from shared.retrieval.text import TitleTfidf, has_title
 from shared.retrieval.threshold import neighbourhood_blend, threshold_sweep
 from shared.run_loading import CHOSEN
+
+# Where the callback state keeps the TF-IDF fitted on the training titles (infer reads it).
+TFIDF_KEY = "title_tfidf"
 
 
 def sweep_embeddings(
@@ -30,6 +36,12 @@ def sweep_embeddings(
     embedding with its neighbours and search again, then sweep all thresholds.
 
     `search_kwargs` go to `knn_search` (index="ivf", nlist, nprobe for very large folds)."""
+    _, sims, idx = image_neighbours(embeddings, k, blend_k, blend_threshold, **search_kwargs)
+    return threshold_sweep(sims, idx, np.asarray(labels), thresholds, min2=min2), sims, idx
+
+
+def image_neighbours(embeddings, k=51, blend_k=None, blend_threshold=None, **search_kwargs):
+    """(embeddings as searched, sims, idx): one self-search, or two around a blend."""
     if len(embeddings) == 0:
         raise ValueError("threshold sweep on an empty validation fold")
     sims, idx = knn_search(embeddings, embeddings, k, **search_kwargs)
@@ -38,7 +50,47 @@ def sweep_embeddings(
             embeddings, sims, idx, k=blend_k, threshold=blend_threshold
         )
         sims, idx = knn_search(embeddings, embeddings, k, **search_kwargs)
-    return threshold_sweep(sims, idx, np.asarray(labels), thresholds, min2=min2), sims, idx
+    return embeddings, sims, idx
+
+
+def store_titles(datamodule) -> list[str] | None:
+    """The title of every store row (by id), or None when the source has no titles."""
+    titles = getattr(datamodule.source, "titles", None)
+    if titles is None:
+        return None
+    by_id = dict(zip(datamodule.source.ids, titles, strict=True))
+    return [by_id[i] for i in datamodule.store.ids]
+
+
+def text_matching(
+    emb, sims, idx, text, titled, labels, combo, thresholds, k, chosen=None, min2=None
+) -> tuple[dict, dict]:
+    """Title-only and combined scores of one fold: (metrics, chosen thresholds).
+
+    `chosen` None: choose on this fold (validation); else score at those (test)."""
+    text_knn = title_knn(text, titled, k)
+    t_text = [chosen["text_only"]] if chosen else thresholds
+    text_only = threshold_sweep(*text_knn, labels, t_text, min2=min2)
+    pairs = candidate_pairs(combo, emb, text, titled, k, (sims, idx), text_knn)
+    if chosen is None:
+        t, tt, result = sweep_pairs(pairs, labels, combo, thresholds, min2)
+    else:
+        t, tt = chosen["threshold"], chosen["text_threshold"]
+        fixed = replace(combo, text_thresholds=(tt, tt, 1)) if tt is not None else combo
+        _, _, result = sweep_pairs(pairs, labels, fixed, [t], min2)
+    b = result.best_index
+    metrics = {
+        "f1": result.best_f1,
+        "threshold": t,
+        "precision": float(result.precision[b]),
+        "recall": float(result.recall[b]),
+        "f1_text": text_only.best_f1,
+        "threshold_text_only": text_only.best_threshold,
+    }
+    if tt is not None:
+        metrics["threshold_text"] = tt
+    picked = {"threshold": t, "text_threshold": tt, "text_only": text_only.best_threshold}
+    return metrics, picked
 
 
 class MatchingEvalCallback(EmbeddingCallback):
@@ -63,8 +115,13 @@ class MatchingEvalCallback(EmbeddingCallback):
         index: str = "flat",
         nlist: int | None = None,
         nprobe: int = 16,
+        text: dict | None = None,
     ) -> None:
         super().__init__(every_n_epochs)
+        # None: images only. Else titles join them (`shared.retrieval.combine`).
+        self.text = None if text is None else TextCombination(**text)
+        self.encoder: TitleTfidf | None = None
+        self.chosen_text: dict | None = None
         self.search = {"index": index, "nlist": nlist, "nprobe": nprobe}
         start, stop, num = thresholds
         self.thresholds = np.linspace(float(start), float(stop), int(num))
@@ -85,10 +142,10 @@ class MatchingEvalCallback(EmbeddingCallback):
                 "(or the tested checkpoint holds none)"
             )
         thresholds = np.array([self.threshold]) if testing else self.thresholds
-        result, _, _ = sweep_embeddings(
-            emb, labels, thresholds, self.k, self.min2, self.blend_k, self.blend_threshold,
-            **self.search,
-        )  # fmt: skip
+        searched, sims, idx = image_neighbours(
+            emb, self.k, self.blend_k, self.blend_threshold, **self.search
+        )
+        result = threshold_sweep(sims, idx, labels, thresholds, min2=self.min2)
         b = result.best_index
         metrics = {
             "f1": result.best_f1,
@@ -96,13 +153,46 @@ class MatchingEvalCallback(EmbeddingCallback):
             "precision": float(result.precision[b]),
             "recall": float(result.recall[b]),
         }
+        picked = None
+        if self.text is not None:
+            if testing and self.chosen_text is None:
+                raise RuntimeError("test needs the title thresholds chosen on validation")
+            text, titled = self._fold_text(trainer.datamodule, fold["index"].numpy())
+            text_metrics, picked = text_matching(
+                searched, sims, idx, text, titled, labels, self.text, self.thresholds, self.k,
+                self.chosen_text if testing else None, self.min2,
+            )  # fmt: skip
+            metrics = {"f1_image": result.best_f1, "threshold_image": result.best_threshold,
+                       **text_metrics}  # fmt: skip
         if len(np.unique(labels)) < len(labels):
             metrics.update(retrieval_metrics(emb, labels, ks=(1,)))
         if not (trainer.sanity_checking or testing):
             self.threshold = result.best_threshold
+            self.chosen_text = picked
             if trainer.is_global_zero and self.plot_dir:
                 self._write(Path(self.plot_dir), result, trainer, metrics)
         return metrics
+
+    def _fold_text(self, datamodule, rows: np.ndarray):
+        """TF-IDF rows and has-title flags of store `rows`; the vectoriser is fitted once, on
+        the training rows' titles."""
+        titles = store_titles(datamodule)
+        if titles is None:
+            raise ValueError(
+                "callbacks.matching_eval.text is set but the postings have no `title` column"
+            )
+        if self.encoder is None:
+            self.encoder = TitleTfidf().fit([titles[i] for i in datamodule.train_indices])
+        fold = [titles[i] for i in rows]
+        return self.encoder.transform(fold), has_title(fold)
+
+    def chosen(self) -> dict:
+        """What inference needs, by name: the image threshold, and with titles the mode,
+        its thresholds (the fitted TF-IDF sits in the callback state, `TFIDF_KEY`)."""
+        out = {"threshold": self.threshold}
+        if self.text is not None and self.chosen_text is not None and self.encoder is not None:
+            out["text"] = {**asdict(self.text), **self.chosen_text}
+        return out
 
     def _write(self, out: Path, result, trainer, metrics) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -114,12 +204,20 @@ class MatchingEvalCallback(EmbeddingCallback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         """The threshold also under a plain name (`shared.run_loading.CHOSEN`), which
         inference, the service and results.json read."""
-        checkpoint.setdefault(CHOSEN, {})["threshold"] = self.threshold
+        checkpoint.setdefault(CHOSEN, {}).update(self.chosen())
 
     def state_dict(self):
-        return {"threshold": self.threshold, "history": self.history}
+        state = {**self.chosen(), "history": self.history}
+        if self.encoder is not None:
+            state[TFIDF_KEY] = self.encoder.state_dict()
+        return state
 
     def load_state_dict(self, state_dict):
         self.threshold = state_dict.get("threshold")
+        text = state_dict.get("text")
+        if text is not None:
+            self.chosen_text = {k: text[k] for k in ("threshold", "text_threshold", "text_only")}
+        if state_dict.get(TFIDF_KEY) is not None:
+            self.encoder = TitleTfidf.from_state(state_dict[TFIDF_KEY])
         if not (self.restoring_for_test and self.history):
             self.history = list(state_dict.get("history", []))

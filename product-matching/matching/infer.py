@@ -11,10 +11,13 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from matching.evaluate import TFIDF_KEY
 from shared.atomic import atomic_write
 from shared.data.sources import DEFAULT_BACKGROUND, CsvSource, check_background
 from shared.data.store import build_store
+from shared.retrieval.combine import TextCombination, candidate_pairs, combined_matches
 from shared.retrieval.search import knn_search
+from shared.retrieval.text import TitleTfidf, has_title
 from shared.retrieval.threshold import matches_from_threshold
 from shared.run_loading import load_run
 
@@ -77,6 +80,7 @@ def match_postings(
     which: str = "best",
 ) -> Path:
     run = load_run(run_dir, which)
+    explicit = threshold is not None
     if threshold is None:
         threshold = run_threshold(run)
         if threshold is None:
@@ -92,7 +96,40 @@ def match_postings(
     root = Path(store_root) if store_root else Path(run.run_dir) / "inference_stores"
     store = build_store(source, root, size, name="postings")
     embeddings = embed_store(run.module, store.images)
-    sims, idx = knn_search(embeddings, embeddings, k)
-    matches = matches_from_threshold(sims, idx, store.ids, threshold, min2=min2)
+    titles = None
+    if source.titles is not None:
+        by_id = dict(zip(source.ids, source.titles, strict=True))
+        titles = [by_id[i] for i in store.ids]
+    text = run_text(run)
+    if text is not None and explicit:  # --threshold overrides the combination's threshold
+        text = {**text, "threshold": threshold}
+    matches = match_embeddings(embeddings, store.ids, threshold, min2, k, titles, text)
     log.info("Matched %d postings at threshold %.3f", len(store.ids), threshold)
     return write_matches(out, store.ids, matches)
+
+
+def run_text(run) -> dict | None:
+    """The run's title combination (`callbacks.matching_eval.text`) with its chosen
+    thresholds and fitted TF-IDF; None for an image-only run."""
+    text = run.chosen.get("text")
+    if text is None:
+        return None
+    for key, state in run.callbacks_state.items():
+        if key.startswith("MatchingEvalCallback") and state.get(TFIDF_KEY) is not None:
+            return {**text, "tfidf": state[TFIDF_KEY]}
+    raise ValueError(f"{run.checkpoint} chose a title combination but holds no fitted TF-IDF")
+
+
+def match_embeddings(
+    embeddings, ids, threshold, min2=None, k=51, titles=None, text=None
+) -> list[list]:
+    """Each posting's matches: image only, or with `text` (see `run_text`) the run's title
+    combination, as the evaluation scores it. Postings without a title fall back to the image
+    (no title at all: image only, at the image threshold)."""
+    sims, idx = knn_search(embeddings, embeddings, k)
+    if text is None or titles is None or not has_title(titles).any():
+        return matches_from_threshold(sims, idx, ids, threshold, min2=min2)
+    combo = TextCombination(text["mode"], text["weight"], tuple(text["text_thresholds"]))
+    vectors = TitleTfidf.from_state(text["tfidf"]).transform(titles)
+    pairs = candidate_pairs(combo, embeddings, vectors, has_title(titles), k, (sims, idx))
+    return combined_matches(pairs, ids, combo, text["threshold"], text["text_threshold"], min2)

@@ -327,6 +327,8 @@ class CsvSource(FileSource):
         self.ids = df[id_col].tolist() if id_col else [str(p) for p in df[image_col]]
         self.group_col = group_col
         self.groups = df[group_col].tolist() if group_col else None
+        # Listing titles for matching by text ("" where a row has none); None: no such column.
+        self.titles = df["title"].tolist() if "title" in df.columns else None
         self.frame = df
 
     def describe(self) -> dict:
@@ -386,10 +388,12 @@ def synthetic_postings(root: str | Path, spec) -> Path:
     import json
     from dataclasses import asdict
 
-    from shared.data.synthetic import SyntheticProducts, write_image_folder_csv
+    from shared.data.synthetic import GENERATOR_VERSION, SyntheticProducts, write_image_folder_csv
 
     products = SyntheticProducts(spec)
-    key = hashlib.sha1(json.dumps(asdict(products.spec), sort_keys=True).encode()).hexdigest()
+    # The generator version is part of the key: a new version writes a new folder.
+    described = {**asdict(products.spec), "generator_version": GENERATOR_VERSION}
+    key = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()
     return write_image_folder_csv(products, Path(root) / key[:10])
 
 
@@ -410,6 +414,10 @@ class SyntheticSource:
 
     def __len__(self) -> int:
         return len(self.products)
+
+    @property
+    def titles(self) -> list[str]:
+        return self.products.titles
 
     def corrupt_error(self, bad: list[int]) -> Exception:
         return CorruptImagesError(f"synthetic rows failed to render: {bad[:5]}")

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from shared.data.publish import build_once
 
 # Bump when a change alters any rendered byte or title: on-disk copies keyed on it go stale.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary: colours, shapes, patterns, glyphs, words.
@@ -121,6 +121,7 @@ _FONT = {
 GLYPHS = tuple(_FONT)
 _SYLLABLES = ("ka", "vo", "ri", "lu", "me", "sa", "to", "ni", "po", "de", "za", "mi", "ro")
 _TITLE_PREFIXES = ("[READY STOCK]", "ORIGINAL", "PROMO", "NEW", "Hot Sale", "COD", "Murah")
+_SHOP_WORDS = ("grosir", "free ongkir", "best seller", "kualitas premium", "import", "viral")
 _TITLE_SUFFIXES = ("250ml", "500ml", "1kg", "isi 12", "1 pcs", "2 pcs", "termurah", "bpom")
 
 # Badge (centre x, centre y, radius) per shape, in texture units [-1, 1]: where the logo
@@ -319,24 +320,34 @@ def _make_recipes(spec: SyntheticProductsSpec) -> list[GroupRecipe]:
 
 
 def _noisy_title(title: str, seed: int, index: int) -> str:
-    """Listing-style noise: case, dropped or swapped words, typos, shop prefixes, sizes."""
+    """Listing-style noise, so titles alone do not solve the set: sellers often leave out
+    the pattern or the brand (what tells a family's groups apart), reorder, abbreviate or
+    misspell a word, and add shop words; case varies."""
     rng = random.Random(f"title-{seed}-{index}")
-    words = title.split()
-    if rng.random() < 0.3 and len(words) > 3:
-        del words[rng.randrange(1, len(words))]  # keep the brand
-    if rng.random() < 0.2:
-        i = rng.randrange(1, len(words) - 1)
-        words[i], words[i + 1] = words[i + 1], words[i]
+    brand, pattern, *rest = title.split()
+    words = (
+        ([brand] if rng.random() >= 0.35 else [])
+        + ([pattern] if rng.random() >= 0.5 else [])
+        + rest
+    )
     if rng.random() < 0.3:
-        i = rng.randrange(len(words))
-        w = words[i]
-        if len(w) > 3:
-            j = rng.randrange(1, len(w) - 1)
-            words[i] = w[:j] + w[j + 1 :] if rng.random() < 0.5 else w[:j] + w[j] + w[j:]
-    if rng.random() < 0.4:
+        tail = words[1:]
+        rng.shuffle(tail)
+        words[1:] = tail
+    i = rng.randrange(len(words))
+    w = words[i]
+    edit = rng.random()
+    if edit < 0.3 and len(w) > 4:  # a typo: a letter dropped or doubled
+        j = rng.randrange(1, len(w) - 1)
+        words[i] = w[:j] + w[j + 1 :] if rng.random() < 0.5 else w[:j] + w[j] + w[j:]
+    elif edit < 0.55 and len(w) > 4 and "/" not in w:  # an abbreviation
+        words[i] = w[: rng.choice((3, 4))]
+    if rng.random() < 0.5:
         words.insert(0, rng.choice(_TITLE_PREFIXES))
-    if rng.random() < 0.4:
+    if rng.random() < 0.5:
         words.append(rng.choice(_TITLE_SUFFIXES))
+    if rng.random() < 0.3:
+        words.append(rng.choice(_SHOP_WORDS))
     out = " ".join(words)
     case = rng.random()
     if case < 0.2:
