@@ -35,6 +35,18 @@ class LoadedRun:
     chosen: dict  # the checkpoint's CHOSEN entry: {"threshold": ...} for matching runs
 
 
+def newest_run(root: str | Path, pattern: str = "*") -> Path | None:
+    """The newest run directory `root/<pattern>` (run names are timestamps) that has a config
+    and a checkpoint, or None."""
+    root = Path(root)
+    runs = {
+        ckpt.parents[1]
+        for ckpt in (root.glob(f"{pattern}/checkpoints/*.ckpt") if root.is_dir() else [])
+        if (ckpt.parents[1] / ".hydra" / "config.yaml").is_file()
+    }
+    return max(runs, key=lambda p: p.name, default=None)
+
+
 def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
     ckpt_dir = run_dir / "checkpoints"
     candidates = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")

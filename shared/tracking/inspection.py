@@ -25,17 +25,15 @@ def find_run_dir(run_dir: str | os.PathLike | None, pipeline: str) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"run directory {path} does not exist")
         return path
-    runs = [
-        p
-        for p in (REPO_ROOT / "logs" / pipeline).glob("*/runs/*")
-        if (p / ".hydra" / "config.yaml").is_file()
-    ]
-    if not runs:
+    from shared.run_loading import newest_run
+
+    run = newest_run(REPO_ROOT / "logs" / pipeline, "*/runs/*")
+    if run is None:
         raise FileNotFoundError(
             f"no run under {REPO_ROOT / 'logs' / pipeline}: set RUN_DIR "
             "(environment) or the RUN_DIR parameter to a run directory"
         )
-    return max(runs, key=lambda p: p.stat().st_mtime)
+    return run
 
 
 @torch.no_grad()

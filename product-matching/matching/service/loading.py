@@ -48,10 +48,11 @@ class Service:
 def newest_run(runs_root: str | Path) -> Path:
     """The newest run directory (names are timestamps) under `runs_root` with a config and
     a checkpoint; FileNotFoundError saying how to train one."""
+    from shared.run_loading import newest_run as newest
+
     root = Path(runs_root)
-    runs = sorted(root.glob("*/checkpoints/*.ckpt")) if root.is_dir() else []
-    runs = [p.parent.parent for p in runs if (p.parent.parent / ".hydra" / "config.yaml").is_file()]
-    if not runs:
+    run = newest(root)
+    if run is None:
         raise FileNotFoundError(
             f"no trained product-matching run under runs_root={str(root)!r}. Train one first "
             "with `python product-matching/run.py` (a quick one: `python "
@@ -59,7 +60,7 @@ def newest_run(runs_root: str | Path) -> Path:
             "or pass run_dir=<a run directory>, or onnx=<model.onnx> with threshold= and "
             "gallery=."
         )
-    return max(runs, key=lambda p: p.name)
+    return run
 
 
 def service_background(cfg: DictConfig, run) -> tuple[int, int, int]:
