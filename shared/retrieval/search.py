@@ -119,39 +119,14 @@ def knn_search(
 
     Returns (sims float32 [Nq, k], idx int64 [Nq, k]).
     """
-    q = as_float32_matrix(queries, "queries")
-    g = as_float32_matrix(gallery, "gallery")
-    if g.shape[0] == 0:
-        raise ValueError("knn_search: empty gallery")
-    if q.shape[0] == 0:
-        raise ValueError("knn_search: no queries")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"knn_search: dim mismatch, queries {q.shape[1]} vs gallery {g.shape[1]}")
-    if int(k) < 1:
-        raise ValueError(f"knn_search: k must be >= 1, got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"knn_search: chunk_size must be >= 1, got {chunk_size}")
-    k = min(int(k), g.shape[0])
+    q, g, k = _checked_inputs(queries, gallery, k, chunk_size, "knn_search")
     dim = g.shape[1]
 
     if index == "flat":
-        cpu_index = faiss.IndexFlatIP(dim)
+        cpu_index, train = faiss.IndexFlatIP(dim), None
     elif index == "ivf":
-        cells = default_nlist(g.shape[0]) if nlist is None else min(int(nlist), g.shape[0])
-        if cells < 1:
-            raise ValueError(f"knn_search: nlist must be >= 1, got {nlist}")
-        quantizer = faiss.IndexFlatIP(dim)
-        cpu_index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
-        cpu_index.nprobe = max(1, min(int(nprobe), cells))
-        train = g
-        if train_size is not None:
-            if int(train_size) < cells:
-                raise ValueError(f"knn_search: train_size {train_size} < nlist {cells}")
-            if train_size < g.shape[0]:
-                rows = np.random.default_rng(0).choice(g.shape[0], int(train_size), replace=False)
-                train = g[np.sort(rows)]
-            # A sample chosen on purpose: no FAISS warning about too few points per cell.
-            cpu_index.cp.min_points_per_centroid = min(39, train.shape[0] // cells)
+        cpu_index, train = _ivf_index(g, nlist, train_size, "knn_search")
+        cpu_index.nprobe = max(1, min(int(nprobe), cpu_index.nlist))
     else:
         raise ValueError(f"knn_search: index must be 'flat' or 'ivf', got {index!r}")
 
@@ -178,9 +153,183 @@ def knn_search(
             if hasattr(search_index, "nprobe"):
                 search_index.nprobe = cpu_index.nprobe
         search_index.add(g)
-        for start in range(0, n_q, chunk_size):
-            stop = min(start + chunk_size, n_q)
-            sims[start:stop], idx[start:stop] = search_index.search(q[start:stop], k)
+        _search_chunks(search_index, q, k, chunk_size, sims, idx)
     # FAISS marks "not found" with -1 and the lowest float; make that an explicit -inf.
     sims[idx < 0] = -np.inf
     return sims, idx
+
+
+def _checked_inputs(queries, gallery, k, chunk_size, caller: str):
+    """float32 [N, D] queries and gallery, and k capped at the gallery size; clear errors."""
+    q = as_float32_matrix(queries, "queries")
+    g = as_float32_matrix(gallery, "gallery")
+    if g.shape[0] == 0:
+        raise ValueError(f"{caller}: empty gallery")
+    if q.shape[0] == 0:
+        raise ValueError(f"{caller}: no queries")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"{caller}: dim mismatch, queries {q.shape[1]} vs gallery {g.shape[1]}")
+    if int(k) < 1:
+        raise ValueError(f"{caller}: k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"{caller}: chunk_size must be >= 1, got {chunk_size}")
+    return q, g, min(int(k), g.shape[0])
+
+
+def _ivf_index(g: np.ndarray, nlist: int | None, train_size: int | None, caller: str):
+    """An untrained inner-product `IndexIVFFlat` for gallery `g` and the rows to train it on."""
+    dim = g.shape[1]
+    cells = default_nlist(g.shape[0]) if nlist is None else min(int(nlist), g.shape[0])
+    if cells < 1:
+        raise ValueError(f"{caller}: nlist must be >= 1, got {nlist}")
+    quantizer = faiss.IndexFlatIP(dim)
+    cpu_index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
+    train = g
+    if train_size is not None:
+        if int(train_size) < cells:
+            raise ValueError(f"{caller}: train_size {train_size} < nlist {cells}")
+        if train_size < g.shape[0]:
+            rows = np.random.default_rng(0).choice(g.shape[0], int(train_size), replace=False)
+            train = g[np.sort(rows)]
+        # A sample chosen on purpose: no FAISS warning about too few points per cell.
+        cpu_index.cp.min_points_per_centroid = min(39, train.shape[0] // cells)
+    return cpu_index, train
+
+
+def _search_chunks(index, q, k, chunk_size, sims, idx) -> None:
+    """Search `q` in `chunk_size` rows at a time, writing into `sims` / `idx`."""
+    for start in range(0, q.shape[0], chunk_size):
+        stop = min(start + chunk_size, q.shape[0])
+        sims[start:stop], idx[start:stop] = index.search(q[start:stop], k)
+
+
+# Slack on "as similar as the k-th exact neighbour": float32 rounding differs between the flat
+# search and an approximate index's own distance code.
+RECALL_TIE_TOL = 1e-5
+HNSW_M = 32  # links per node: FAISS's usual choice for 0.99 recall at moderate memory
+
+
+def sample_recall(sims: np.ndarray, idx: np.ndarray, exact_sims: np.ndarray) -> float:
+    """Mean recall@k of approximate results against the exact top-k of the same queries.
+
+    A result counts when it is as similar as the exact k-th neighbour, so neighbours tied at
+    the k-th place (duplicates) count whichever of them an index returns.
+    """
+    kth = exact_sims[:, -1:] - RECALL_TIE_TOL
+    hits = (sims >= kth) & (idx >= 0)
+    return float(hits.sum(axis=1).mean() / exact_sims.shape[1])
+
+
+def tuned_search(
+    queries: Any,
+    gallery: Any,
+    k: int,
+    *,
+    index: str = "ivf",
+    target_recall: float = 0.99,
+    sample: int = 1000,
+    seed: int = 0,
+    nlist: int | None = None,
+    train_size: int | None = None,
+    device: str = "auto",
+    chunk_size: int = 65536,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Approximate top-k by inner product, its search parameter raised until a random sample of
+    `sample` queries reaches `target_recall` of the exact (flat) top-k.
+
+    index="ivf": `IndexIVFFlat` (nlist ~4 sqrt N, trained on the gallery), nprobe 1, 2, 4, ...
+    up to nlist (then exact). index="hnsw": `IndexHNSWFlat`, M = 32, inner product (CPU only),
+    efSearch k, 2k, 4k, ... up to the gallery size. If the largest value still misses the
+    target a warning says so and that value is used. One flat search of the sample is the
+    price of knowing the recall; it is small next to the approximate build at large N.
+
+    Returns (sims [Nq, k], idx [Nq, k], info) as `knn_search`, with info = {"index", "param",
+    "value", "recall"}: the setting used and the sample recall it reached.
+    """
+    q, g, k = _checked_inputs(queries, gallery, k, chunk_size, "tuned_search")
+    if index not in ("ivf", "hnsw"):
+        raise ValueError(f"tuned_search: index must be 'ivf' or 'hnsw', got {index!r}")
+    if not 0.0 < float(target_recall) <= 1.0:
+        raise ValueError(f"tuned_search: target_recall must be in (0, 1], got {target_recall}")
+    if int(sample) < 1:
+        raise ValueError(f"tuned_search: sample must be >= 1, got {sample}")
+    rows = np.random.default_rng(seed).choice(q.shape[0], min(int(sample), q.shape[0]), False)
+    q_sample = q[np.sort(rows)]
+    exact_sims, _ = knn_search(q_sample, g, k, device=device, chunk_size=chunk_size)
+
+    # `resources` keeps a GPU index's memory alive until the search is done.
+    search_index, param, values, resources = _approx_index(g, index, nlist, train_size, device, k)
+    for value in values:
+        _set_param(search_index, index, value)
+        sims, idx = search_index.search(q_sample, k)
+        recall = sample_recall(sims, idx, exact_sims)
+        if recall >= target_recall:
+            break
+    else:
+        warnings.warn(
+            f"tuned_search: {index} reached recall {recall:.4f} < target {target_recall} at the "
+            f"largest {param}={value}"
+            + (" (all cells: exact up to ties)" if index == "ivf" else ""),
+            stacklevel=2,
+        )
+    sims = np.empty((q.shape[0], k), dtype=np.float32)
+    idx = np.empty((q.shape[0], k), dtype=np.int64)
+    _search_chunks(search_index, q, k, chunk_size, sims, idx)
+    sims[idx < 0] = -np.inf
+    return sims, idx, {"index": index, "param": param, "value": value, "recall": recall}
+
+
+def _doublings(start: int, stop: int) -> list[int]:
+    """start, 2 start, 4 start, ... below stop, then stop."""
+    values = []
+    while start < stop:
+        values.append(start)
+        start *= 2
+    return values + [stop]
+
+
+def _approx_index(g, index, nlist, train_size, device, k):
+    """(index holding `g`, its search parameter's name, the values to try, GPU resources)."""
+    if index == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(g.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.add(g)
+        return hnsw, "efSearch", _doublings(k, max(k, g.shape[0])), None
+    cpu_index, train = _ivf_index(g, nlist, train_size, "tuned_search")
+    search_index, resources, values = cpu_index, None, _doublings(1, cpu_index.nlist)
+    if _use_gpu(device) and k <= GPU_MAX_K:
+        resources = faiss.StandardGpuResources()
+        search_index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
+        values = sorted({min(v, GPU_MAX_K) for v in values})  # GPU IVF's nprobe limit
+    search_index.train(train)
+    search_index.add(g)
+    return search_index, "nprobe", values, resources
+
+
+def _set_param(search_index, index: str, value: int) -> None:
+    if index == "ivf":
+        search_index.nprobe = value
+    else:
+        search_index.hnsw.efSearch = value
+
+
+def eval_search(
+    queries: Any,
+    gallery: Any,
+    k: int,
+    *,
+    index: str = "flat",
+    target_recall: float | None = None,
+    nprobe: int = 16,
+    **kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """The evaluators' search: (sims, idx, info). Flat, or IVF with a fixed `nprobe` when
+    `target_recall` is None, is `knn_search` (info None); otherwise `tuned_search` of `index`
+    to `target_recall` (nprobe unused). `kwargs` (nlist, train_size, device, chunk_size) go on.
+    """
+    if index == "flat" or (index == "ivf" and target_recall is None):
+        return (*knn_search(queries, gallery, k, index=index, nprobe=nprobe, **kwargs), None)
+    if index not in ("ivf", "hnsw"):
+        raise ValueError(f"index must be 'flat', 'ivf' or 'hnsw', got {index!r}")
+    if target_recall is None:
+        raise ValueError("index='hnsw' needs a target_recall (its efSearch is tuned to it)")
+    return tuned_search(queries, gallery, k, index=index, target_recall=target_recall, **kwargs)

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from shared.retrieval.search import ensure_unit_rows, knn_search, l2_normalize
+from shared.retrieval.search import (
+    ensure_unit_rows,
+    eval_search,
+    knn_search,
+    l2_normalize,
+    sample_recall,
+    tuned_search,
+)
 
 
 def clustered(n, dim, n_clusters, noise, seed):
@@ -140,3 +147,79 @@ def test_gpu_search_equals_cpu():
     gpu = knn_search(q, g, 20, device="cuda")
     np.testing.assert_array_equal(cpu[1], gpu[1])
     np.testing.assert_allclose(cpu[0], gpu[0], atol=1e-5)
+
+
+def brute_topk_sims(q, g, k):
+    """Exact top-k similarities by numpy matmul + argsort (not FAISS)."""
+    sims = q.astype(np.float64) @ g.astype(np.float64).T
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, idx, 1)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_tuned_search_reaches_target_on_fresh_queries(index):
+    # 5k x 32 gallery in 50 clusters, 4000 queries of which 400 tune the parameter: the recall
+    # of all 4000 (90 % never seen by the tuning) against a brute-force top-10 without FAISS.
+    g, _ = clustered(5000, 32, 50, 0.6, seed=3)
+    q, _ = clustered(4000, 32, 50, 0.6, seed=4)
+    target = 0.95
+    sims, idx, info = tuned_search(
+        q, g, 10, index=index, target_recall=target, sample=400, device="cpu"
+    )
+    assert info["index"] == index and info["recall"] >= target
+    assert info["param"] == {"ivf": "nprobe", "hnsw": "efSearch"}[index]
+    assert info["value"] > {"ivf": 1, "hnsw": 10}[index]  # the target needed tuning
+    recall = sample_recall(sims, idx, brute_topk_sims(q, g, 10))
+    assert recall >= target
+
+
+def test_tuned_ivf_target_one_is_all_cells_and_equals_flat():
+    g, _ = clustered(2000, 16, 20, 0.8, seed=6)
+    q, _ = clustered(300, 16, 20, 0.8, seed=7)
+    sims, idx, info = tuned_search(q, g, 5, index="ivf", nlist=30, target_recall=1.0, device="cpu")
+    flat_sims, flat_idx = knn_search(q, g, 5, device="cpu")
+    assert info["recall"] == 1.0
+    np.testing.assert_allclose(sims, flat_sims, atol=1e-5)
+    np.testing.assert_allclose(sims, brute_topk_sims(q, g, 5), atol=1e-5)
+    assert (idx == flat_idx).mean() > 0.999  # only exact ties may swap
+    assert info["value"] <= 30
+
+
+def test_tuned_ivf_coarse_data_needs_all_cells():
+    # Uniform random data has no clusters: recall 1.0 is only certain with every cell.
+    rng = np.random.default_rng(8)
+    g = l2_normalize(rng.standard_normal((1000, 16)).astype(np.float32))
+    q = l2_normalize(rng.standard_normal((200, 16)).astype(np.float32))
+    _, _, info = tuned_search(q, g, 20, index="ivf", nlist=16, target_recall=1.0, device="cpu")
+    assert info["recall"] == 1.0
+    assert 1 < info["value"] <= 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"index": "flat"}, "index"),
+        ({"target_recall": 1.5}, "target_recall"),
+        ({"target_recall": 0.0}, "target_recall"),
+        ({"sample": 0}, "sample"),
+        ({"k": 0}, "k"),
+    ],
+)
+def test_tuned_search_bad_arguments_name_the_key(kwargs, key):
+    g, _ = clustered(100, 8, 4, 0.5, seed=9)
+    args = {"k": 5, **kwargs}
+    with pytest.raises(ValueError, match=key):
+        tuned_search(g, g, args.pop("k"), **args)
+
+
+def test_eval_search_dispatch():
+    g, _ = clustered(500, 8, 6, 0.5, seed=10)
+    flat = knn_search(g, g, 5, device="cpu")
+    sims, idx, info = eval_search(g, g, 5, index="flat", target_recall=0.99, device="cpu")
+    assert info is None and np.array_equal(idx, flat[1])
+    fixed = eval_search(g, g, 5, index="ivf", nlist=8, nprobe=8, device="cpu")
+    assert fixed[2] is None and np.array_equal(fixed[1], flat[1])
+    with pytest.raises(ValueError, match="target_recall"):
+        eval_search(g, g, 5, index="hnsw", device="cpu")
+    with pytest.raises(ValueError, match="index"):
+        eval_search(g, g, 5, index="lsh", target_recall=0.9)
