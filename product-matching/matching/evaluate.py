@@ -13,7 +13,7 @@ from shared.callbacks.embeddings import EmbeddingCallback
 from shared.plots import plot_threshold_sweep
 from shared.retrieval.combine import TextCombination, candidate_pairs, sweep_pairs, title_knn
 from shared.retrieval.metrics import retrieval_metrics
-from shared.retrieval.search import knn_search
+from shared.retrieval.search import eval_search
 from shared.retrieval.text import TitleTfidf, has_title
 from shared.retrieval.threshold import neighbourhood_blend, threshold_sweep
 from shared.run_loading import CHOSEN
@@ -35,21 +35,31 @@ def sweep_embeddings(
     """Search (k = 51: groups of at most 50 plus the posting itself), optionally blend each
     embedding with its neighbours and search again, then sweep all thresholds.
 
-    `search_kwargs` go to `knn_search` (index="ivf", nlist, nprobe for very large folds)."""
+    `search_kwargs` go to `eval_search` (index="ivf" or "hnsw", target_recall for very
+    large folds)."""
     _, sims, idx = image_neighbours(embeddings, k, blend_k, blend_threshold, **search_kwargs)
     return threshold_sweep(sims, idx, np.asarray(labels), thresholds, min2=min2), sims, idx
 
 
-def image_neighbours(embeddings, k=51, blend_k=None, blend_threshold=None, **search_kwargs):
-    """(embeddings as searched, sims, idx): one self-search, or two around a blend."""
+def image_neighbours(
+    embeddings, k=51, blend_k=None, blend_threshold=None, search_info=None, **search_kwargs
+):
+    """(embeddings as searched, sims, idx): one self-search, or two around a blend.
+
+    The search is `eval_search`; with a tuned index, `search_info` (a dict, if given) gets
+    its info, the recall the lower of the two searches'."""
     if len(embeddings) == 0:
         raise ValueError("threshold sweep on an empty validation fold")
-    sims, idx = knn_search(embeddings, embeddings, k, **search_kwargs)
+    sims, idx, info = eval_search(embeddings, embeddings, k, **search_kwargs)
     if blend_k:
         embeddings = neighbourhood_blend(
             embeddings, sims, idx, k=blend_k, threshold=blend_threshold
         )
-        sims, idx = knn_search(embeddings, embeddings, k, **search_kwargs)
+        sims, idx, second = eval_search(embeddings, embeddings, k, **search_kwargs)
+        if info is not None:
+            info = {**second, "recall": min(info["recall"], second["recall"])}
+    if search_info is not None and info is not None:
+        search_info.update(info)
     return embeddings, sims, idx
 
 
@@ -115,6 +125,7 @@ class MatchingEvalCallback(EmbeddingCallback):
         index: str = "flat",
         nlist: int | None = None,
         nprobe: int = 16,
+        target_recall: float | None = 0.99,
         text: dict | None = None,
     ) -> None:
         super().__init__(every_n_epochs)
@@ -122,7 +133,8 @@ class MatchingEvalCallback(EmbeddingCallback):
         self.text = None if text is None else TextCombination(**text)
         self.encoder: TitleTfidf | None = None
         self.chosen_text: dict | None = None
-        self.search = {"index": index, "nlist": nlist, "nprobe": nprobe}
+        self.search = {"index": index, "nlist": nlist, "nprobe": nprobe,
+                       "target_recall": target_recall}  # fmt: skip
         start, stop, num = thresholds
         self.thresholds = np.linspace(float(start), float(stop), int(num))
         self.k, self.min2, self.loader = k, min2, loader
@@ -142,8 +154,9 @@ class MatchingEvalCallback(EmbeddingCallback):
                 "(or the tested checkpoint holds none)"
             )
         thresholds = np.array([self.threshold]) if testing else self.thresholds
+        info: dict = {}
         searched, sims, idx = image_neighbours(
-            emb, self.k, self.blend_k, self.blend_threshold, **self.search
+            emb, self.k, self.blend_k, self.blend_threshold, info, **self.search
         )
         result = threshold_sweep(sims, idx, labels, thresholds, min2=self.min2)
         b = result.best_index
@@ -166,6 +179,8 @@ class MatchingEvalCallback(EmbeddingCallback):
                        **text_metrics}  # fmt: skip
         if len(np.unique(labels)) < len(labels):
             metrics.update(retrieval_metrics(emb, labels, ks=(1,)))
+        if info:  # a tuned approximate search: the recall of the exact top-k it reached
+            metrics["search_recall"] = info["recall"]
         if not (trainer.sanity_checking or testing):
             self.threshold = result.best_threshold
             self.chosen_text = picked

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.retrieval.search import as_float32_matrix, ensure_unit_rows, knn_search
+from shared.retrieval.search import as_float32_matrix, ensure_unit_rows, eval_search
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -64,7 +64,8 @@ def knn_accuracy(
     searched exactly as given). One search with the largest k serves every k: the top-k is a
     prefix of the top-max(k). Each k is capped at the bank size, and ks that become equal
     after capping share one key. Queries are voted `chunk_size` at a time so the [chunk, C]
-    score matrix stays small. `search_kwargs` go to `knn_search` (e.g. index="ivf", nprobe).
+    score matrix stays small. `search_kwargs` go to `knn_predictions` (e.g. index="ivf",
+    target_recall, search_info).
     """
     query_y = _as_tensor(query_labels).long().cpu().reshape(-1)
     preds = knn_predictions(
@@ -85,6 +86,7 @@ def knn_predictions(
     device: str = "auto",
     *,
     query_count: int | None = None,
+    search_info: dict | None = None,
     **search_kwargs: Any,
 ) -> dict[int, torch.Tensor]:
     """Weighted kNN predicted class per query for each (capped) k: {k: int64 tensor [Nq]}.
@@ -95,6 +97,8 @@ def knn_predictions(
     scores of the first k1 is the same sequence of float additions as voting the first k2
     afresh, so every k's scores are bit for bit those of `weighted_knn_vote`. Ties between
     classes go to the lowest class id (torch argmax). `query_count` only checks the row count.
+    The search is `eval_search`; with a tuned index its info (reached recall) is copied into
+    `search_info` when a dict is given.
     """
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
@@ -114,9 +118,11 @@ def knn_predictions(
         raise ValueError(f"a bank label is >= num_classes={num_classes}")
 
     capped = sorted({min(k, bank.shape[0]) for k in ks})
-    sims, idx = knn_search(
+    sims, idx, info = eval_search(
         query, bank, capped[-1], device=device, chunk_size=chunk_size, **search_kwargs
     )
+    if search_info is not None and info is not None:
+        search_info.update(info)
     sims_t, idx_t = torch.from_numpy(sims), torch.from_numpy(idx)
     # Negative labels (and the -1 of a missing neighbour) do not vote: weight 0, class 0.
     unlabelled = bool(bank_y.numel()) and int(bank_y.min()) < 0

@@ -26,7 +26,7 @@ def clustered(n: int, classes: int, dim: int, seed: int):
 def test_knn_callback_equals_knn_accuracy(index):
     bank, bank_y = clustered(400, 7, 16, 0)
     query, query_y = clustered(90, 7, 16, 1)
-    cb = KNNCallback(ks=(5, 20), device="cpu", index=index, nlist=8, nprobe=8)
+    cb = KNNCallback(ks=(5, 20), device="cpu", index=index, nlist=8, nprobe=8, target_recall=None)
     got = cb.evaluate(
         [{"embeddings": bank, "labels": bank_y}, {"embeddings": query, "labels": query_y}],
         TRAINER,
@@ -41,7 +41,8 @@ def test_matching_callback_ivf_all_cells_equals_flat():
     emb, y = clustered(300, 40, 16, 2)
     batch = [{"embeddings": emb, "labels": y}]
     flat = MatchingEvalCallback(k=11).evaluate(batch, TRAINER)
-    ivf = MatchingEvalCallback(k=11, index="ivf", nlist=6, nprobe=6).evaluate(batch, TRAINER)
+    ivf = MatchingEvalCallback(k=11, index="ivf", nlist=6, nprobe=6, target_recall=None)
+    ivf = ivf.evaluate(batch, TRAINER)
     assert ivf == pytest.approx(flat, abs=1e-12)
     # and the flat figure is the sweep of a brute-force top-11 by inner product
     x = emb.numpy()
@@ -50,5 +51,37 @@ def test_matching_callback_ivf_all_cells_equals_flat():
     ref = threshold_sweep(np.take_along_axis(sims, idx, 1), idx, y.numpy(), np.linspace(0, 1, 101))
     assert flat["f1"] == pytest.approx(ref.best_f1, abs=1e-6)
     # coarse IVF (1 of 6 cells) is a different, approximate answer: the option reaches FAISS
-    coarse = MatchingEvalCallback(k=11, index="ivf", nlist=6, nprobe=1).evaluate(batch, TRAINER)
+    coarse = MatchingEvalCallback(k=11, index="ivf", nlist=6, nprobe=1, target_recall=None)
+    coarse = coarse.evaluate(batch, TRAINER)
     assert coarse["f1"] != pytest.approx(flat["f1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_knn_callback_tuned_index_logs_recall(index):
+    bank, bank_y = clustered(2000, 7, 16, 3)
+    query, query_y = clustered(300, 7, 16, 4)
+    data = [{"embeddings": bank, "labels": bank_y}, {"embeddings": query, "labels": query_y}]
+    flat = KNNCallback(ks=(5, 20), device="cpu").evaluate(data, TRAINER)
+    assert "search_recall" not in flat
+    # target 1.0 over all 300 queries (the sample holds them all): the exact neighbours
+    exact = KNNCallback(ks=(5, 20), device="cpu", index=index, target_recall=1.0)
+    got = exact.evaluate(data, TRAINER)
+    assert got == {**flat, "search_recall": 1.0}
+    # a lower target: the recall reached is logged, and top-1 moves by at most the share of
+    # queries whose 20 neighbours are not all the exact ones
+    loose = KNNCallback(ks=(5, 20), device="cpu", index=index, nlist=40, target_recall=0.8)
+    got = loose.evaluate(data, TRAINER)
+    assert 0.8 <= got["search_recall"] <= 1.0
+    missed = 1.0 - got["search_recall"]  # mean share of the 20 missed, so of queries < 20x
+    for key in ("knn_top1@5", "knn_top1@20"):
+        assert abs(got[key] - flat[key]) <= 20 * missed + 1e-9
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_matching_callback_tuned_index_logs_recall(index):
+    emb, y = clustered(600, 80, 16, 5)
+    batch = [{"embeddings": emb, "labels": y}]
+    flat = MatchingEvalCallback(k=11).evaluate(batch, TRAINER)
+    tuned = MatchingEvalCallback(k=11, index=index, target_recall=1.0).evaluate(batch, TRAINER)
+    assert tuned.pop("search_recall") == 1.0
+    assert tuned == pytest.approx(flat, abs=1e-6)
