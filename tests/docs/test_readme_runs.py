@@ -51,7 +51,8 @@ def budget(command: Command) -> list[str]:
     args = [a for a in command.overrides if not a.startswith("hydra.sweeper.n_trials")]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        base = [a.split(",")[0] if "," in a and "[" not in a else a for a in args]
+        # a sweep's first value (a comma inside [...] or {...} is a list or a dict, not a sweep)
+        base = [a.split(",")[0] if "," in a and not set("[{") & set(a) else a for a in args]
         cfg = compose(config_name=command.pipeline, overrides=base, return_hydra_config=True)
     GlobalHydra.instance().clear()
     given = {a.split("=", 1)[0].lstrip("+~") for a in args}
