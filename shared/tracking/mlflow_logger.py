@@ -14,6 +14,7 @@ downloaded folder is a run directory that `load_run` opens.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,7 +48,17 @@ class MLFlowLogger(_MLFlowLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        client = _MLFlowLogger.experiment.fget(self)
+        # mlflow.set_tracking_uri (called by Lightning's logger) also exports
+        # MLFLOW_TRACKING_URI, which the next run of a sweep in this process would then take
+        # as its store (conf/logger/mlflow.yaml reads it): keep the environment as it was.
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            client = _MLFlowLogger.experiment.fget(self)
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
         if self._run_id_file is not None and not self._run_id_file.is_file():
             persistent_id(self._run_id_file, lambda: self._run_id)
         return client

@@ -145,3 +145,20 @@ def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(compose_cfg, tiny_dat
     run_id = (first / "wandb_run_id").read_text()
     offline = sorted((first / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)
+
+
+def test_opening_an_mlflow_run_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; left set, the next job of a sweep
+    in the same process would log into this run's store."""
+    import os
+
+    from shared.tracking.mlflow_logger import MLFlowLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logger = MLFlowLogger(experiment_name="e", tracking_uri=f"sqlite:///{tmp_path / 'a.db'}")
+    assert logger.experiment is not None and logger.run_id
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    other = MLFlowLogger(experiment_name="e", tracking_uri=f"sqlite:///{tmp_path / 'b.db'}")
+    assert other.experiment is not None
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
