@@ -79,7 +79,7 @@ class Settings:
     max_decodes: int = 2  # requests decoding at once (decoding is what costs memory)
     queue_timeout_s: float = 2.0  # wait for a decode slot or the model, then 503
     body_timeout_s: float = 30.0  # the whole request body must arrive within this, else 408
-    batch_window_ms: float = 2.0  # how long a batch waits for more concurrent queries
+    batch_window_ms: float = 0.0  # how long a batch waits for more queries (0: those queued)
     max_batch: int = 16  # images per forward pass; 1: no batching
     api_token: str | None = field(default=None, repr=False)  # POST /gallery needs it if set
 
