@@ -51,12 +51,6 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_write(path, "wb") as handle:
-        handle.write(data)
-    return Path(path)
-
-
 def sync_folder(folder: str | Path) -> None:
     """fsync a folder, so a rename inside it survives a power loss (no-op where unsupported)."""
     try:

@@ -90,7 +90,8 @@ def _run(cfg: DictConfig) -> float | None:
         scores = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         results["test"] = _first(scores)
         if best:  # what evaluation chose on validation (a matching threshold), by name
-            chosen = torch.load(best, map_location="cpu", weights_only=True).get(CHOSEN)
+            # mmap: only this small entry is read, not the weights the test just loaded
+            chosen = torch.load(best, map_location="cpu", weights_only=True, mmap=True).get(CHOSEN)
             if chosen:
                 results[CHOSEN] = chosen
     finish_loggers(loggers)  # close the W&B run: a sweep's next job starts its own
