@@ -31,13 +31,13 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str | Path, auto: bool 
         if problem := unreadable(path):
             raise ValueError(f"ckpt_path={str(path)!r} cannot be read: {problem}")
         return str(path)
-    folder = Path(output_dir) / "checkpoints"
+    last = last_checkpoint(output_dir)
+    folder = last.parent
     if not auto:
         return None
     first = rank_zero_only.rank == 0  # the other ranks of a DDP run only read
     if first:
         remove_stale_temps(folder, "*.ckpt")
-    last = folder / "last.ckpt"
     if last.is_file():
         problem = unreadable(last)
         if problem is None:
@@ -54,6 +54,12 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str | Path, auto: bool 
     fallback = next((p for p in older if p.name != "last.ckpt" and not unreadable(p)), None)
     log.warning("Resuming from %s", fallback or "the start (no complete checkpoint left)")
     return str(fallback) if fallback else None
+
+
+def last_checkpoint(output_dir: str | Path) -> Path:
+    """The latest state of a run, what it resumes from (written after every validation, and
+    at a preemption signal)."""
+    return Path(output_dir) / "checkpoints" / "last.ckpt"
 
 
 def unreadable(path: Path) -> str | None:

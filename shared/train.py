@@ -20,11 +20,13 @@ from omegaconf import DictConfig
 
 from shared.atomic import write_text
 from shared.callbacks.final_validation import ValidateLastEpoch
+from shared.callbacks.loader_position import LoaderPositionCallback
+from shared.callbacks.preemption import PreemptionCheckpoint
 from shared.callbacks.progress_log import ProgressLog
 from shared.checkpoint_io import use_atomic_checkpoints
 from shared.config import check_trainer_config, prepare_environment
 from shared.instantiate import instantiate, instantiate_group, save_resolved_config
-from shared.resume import check_compatible, resume_checkpoint
+from shared.resume import check_compatible, last_checkpoint, resume_checkpoint
 from shared.run_loading import CHOSEN
 from shared.summary import best_checkpoint, final_metric
 from shared.tracking.csv_logger import CsvHistory
@@ -53,9 +55,12 @@ def _run(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data, "data")
     module = instantiate(cfg.module, "module")
     # + parameter and FLOPs summary (at the first evaluation or fit start, once data is set
-    # up), a validation of the last epoch whatever the cadence, and plain progress lines
+    # up), a validation of the last epoch whatever the cadence, plain progress lines, the CSV
+    # history kept through resumes, a mid-epoch resume that continues the epoch's order, and
+    # last.ckpt saved at a scheduler's preemption signal
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     callbacks += [RunSummaryCallback(), ValidateLastEpoch(), ProgressLog(), CsvHistory()]
+    callbacks += [LoaderPositionCallback(), PreemptionCheckpoint(last_checkpoint(out))]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     use_atomic_checkpoints(trainer)

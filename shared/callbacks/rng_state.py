@@ -5,10 +5,10 @@ RNG state: a run resumed from `last.ckpt` (SLURM requeue, a restart) would shuff
 differently from the uninterrupted run from then on. This callback saves the torch (CPU and
 CUDA), numpy and Python generators with the checkpoint and restores them on resume.
 
-Exact from epoch-boundary checkpoints (what ModelCheckpoint writes after validation). A
-mid-epoch checkpoint (`every_n_train_steps`) resumes, but Lightning restarts the interrupted
-epoch's data order, so it is not bit-exact. Rank 0's states are saved and restored on every
-rank; `seed_everything` gives all ranks the same streams in the first place.
+Exact from epoch-boundary checkpoints (what ModelCheckpoint writes after validation) and,
+with the train loader's own position (`shared.data.resumable`), from mid-epoch ones (a
+preemption, `every_n_train_steps`). Rank 0's states are saved and restored on every rank;
+`seed_everything` gives all ranks the same streams in the first place.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def restore_rng_states(states: dict) -> None:
 class RNGStateCallback(Callback):
     """Saves the RNG states with each checkpoint; restores them when training resumes.
 
-    Restored at the first epoch (or batch) start after loading, not at load time: on resume
-    Lightning re-enters the checkpoint's finished epoch and creates a data iterator for it,
-    which draws from the generator; the uninterrupted run draws nothing between saving the
-    checkpoint and starting the next epoch.
+    Restored at the first epoch start after loading, not at load time: on resume Lightning
+    makes a data iterator, which draws from the generator, before the epoch the uninterrupted
+    run starts from the saved state. A run resumed mid-epoch gets no epoch start: there the
+    states are restored when training starts, after that iterator was made and before its
+    first batch is fetched (a loader that augments draws then).
     """
 
     def __init__(self) -> None:
@@ -74,8 +75,9 @@ class RNGStateCallback(Callback):
             restore_rng_states(self._pending)
             self._pending = None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.restarted_mid_epoch:
+            self._restore()
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._restore()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._restore()  # a mid-epoch checkpoint: the epoch start hook did not run

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from shared.config import require_int
+from shared.data.resumable import ResumableDistributedSampler, ResumableLoader, ShuffleSampler
 from shared.data.samplers import MPerClassSampler, check_m_per_class
 from shared.data.store import ImageStore, build_store
 
@@ -242,41 +244,45 @@ class StoreDataModule(LightningDataModule):
         return torch.bincount(labels, minlength=self.num_classes).tolist()
 
     def _loader(
-        self, indices, shuffle: bool, batch_size: int, drop_last: bool, transform=None, sampler=None
+        self, indices, batch_size: int, drop_last: bool, transform=None, sampler=None
     ) -> DataLoader:
+        """A loader over `indices` in order; with a `sampler`, a train loader whose place in
+        the epoch goes into checkpoints."""
         if len(indices) == 0:
             raise ValueError("cannot build a dataloader over an empty split")
-        return DataLoader(
+        return (DataLoader if sampler is None else ResumableLoader)(
             StoreDataset(self.store, indices),
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
-            drop_last=sampler is not None or (drop_last and len(indices) >= batch_size),
+            drop_last=drop_last and len(indices) >= batch_size,
             num_workers=self.num_workers,
             collate_fn=_as_batch if transform is None else TransformBatch(transform),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_sampler(self) -> MPerClassSampler | None:
-        """`m_per_class` images of each class in every train batch; None: plain shuffling."""
-        if self.m_per_class is None:
-            return None
-        labels = self.store.labels[torch.as_tensor(self.train_indices)].numpy()
-        return MPerClassSampler(labels, self.m_per_class, self.batch_size, self.seed)
+    def train_sampler(self, dataset_size: int):
+        """`m_per_class` images of each class in every train batch, else a shuffle: under DDP
+        the `DistributedSampler` Lightning would add (its seed), otherwise `RandomSampler`'s
+        order. Each can resume inside an epoch."""
+        if self.m_per_class is not None:
+            labels = self.store.labels[torch.as_tensor(self.train_indices)].numpy()
+            return MPerClassSampler(labels, self.m_per_class, self.batch_size, self.seed)
+        if dist.is_available() and dist.is_initialized():
+            return ResumableDistributedSampler(range(dataset_size), shuffle=True, seed=self.seed)
+        return ShuffleSampler(range(dataset_size))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
             self.train_indices,
-            True,
             self.batch_size,
-            self.drop_last,
+            self.drop_last or self.m_per_class is not None,  # m_per_class: whole batches only
             self.train_batch_transform,
-            self.train_sampler(),
+            self.train_sampler(len(self.train_indices)),
         )
 
     def bank_dataloader(self) -> DataLoader:
-        return self._loader(self.train_indices, False, self.eval_batch_size, False)
+        return self._loader(self.train_indices, self.eval_batch_size, False)
 
     def query_dataloader(self, split: str = "val") -> DataLoader:
         rows = self.val_indices if split == "val" else self.test_indices
@@ -284,7 +290,7 @@ class StoreDataModule(LightningDataModule):
             raise ValueError(
                 "no test split: data.test_fraction is 0 (set it above 0, or test=false)"
             )
-        return self._loader(rows, False, self.eval_batch_size, False)
+        return self._loader(rows, self.eval_batch_size, False)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.bank_dataloader(), self.query_dataloader("val")]

@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from shared.data.resumable import EpochResumable
 
-class MPerClassSampler(DistributedSampler):
+
+class MPerClassSampler(EpochResumable, DistributedSampler):
     """Yields dataset positions so that every run of `batch_size` consecutive ones is a batch of
     `m` images from each of `batch_size // m` distinct classes; batch it with
     `DataLoader(batch_size=batch_size, drop_last=True)`.
@@ -118,7 +120,7 @@ class MPerClassSampler(DistributedSampler):
         return self.epoch_batches()[self.rank :: self.num_replicas]
 
     def __iter__(self):
-        return iter(torch.from_numpy(self.rank_batches().reshape(-1)).tolist())
+        return self._from_start(iter(torch.from_numpy(self.rank_batches().reshape(-1)).tolist()))
 
     def __len__(self) -> int:
         return self.batches_per_rank * self.batch_size

@@ -165,10 +165,14 @@ class SSLMethod(EmbeddingModule):
         if self.hparams.clip_grad:
             clip_grad_per_parameter_(self._train_params()["student"], self.hparams.clip_grad)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # The teacher follows each optimiser step at once, inside the training step: a
+        # checkpoint saved at the step's end (a preemption, every_n_train_steps) holds it, and
+        # accumulated micro-batches do not move it again.
+        super().optimizer_step(*args, **kwargs)
         params = self._train_params()
-        if params["teacher"]:
-            m = at(self._schedules["momentum"], self.global_step - 1)
+        if params["teacher"]:  # Lightning counts the step (global_step) after this hook
+            m = at(self._schedules["momentum"], self.global_step)
             ema_update_(params["teacher"], params["student"][: len(params["teacher"])], m)
 
     def on_train_start(self) -> None:

@@ -69,7 +69,8 @@ def record(job_dir):
 
 @pytest.mark.parametrize("pipeline", ["ssl", "matching"])
 def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(tmp_path, pipeline):
-    """Two identical jobs; job 0 gets the preemption signal after its first checkpoint."""
+    """Two identical jobs; job 0 gets the preemption signal after its first checkpoint, saves
+    last.ckpt where it is (mid-epoch as a rule) and continues from there when requeued."""
     cmd = cli(
         pipeline,
         tmp_path,
@@ -109,7 +110,10 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(tmp_path,
     logs = sweep / ".submitit" / job_id
     assert "DUE TO JOB REQUEUE" in (logs / f"{job_id}_0_log.err").read_text()
     assert (logs / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment") == 2
-    assert f"Resuming from {last}" in (sweep / "0" / "run.log").read_text()
+    run_log = (sweep / "0" / "run.log").read_text()
+    # last.ckpt saved at the signal (the end of that step, or of its epoch), then requeued
+    assert "handing the signal to the scheduler" in run_log
+    assert f"Resuming from {last}" in run_log
     preempted, reference = record(sweep / "0"), record(sweep / "1")
     assert preempted.status == reference.status == "COMPLETED"
     assert preempted.return_value == reference.return_value

@@ -43,8 +43,8 @@ class Probe(L.Callback):
         self.records = []
 
     def _teacher_after_ema(self, module):
-        # The module's on_train_batch_end (the EMA) runs after the callbacks' hook: the teacher
-        # a step produced is read when the next batch starts, or when the epoch ends.
+        # The teacher a step produced (the EMA follows the optimiser step) is read when the
+        # next batch starts, or when the epoch ends.
         if self.records and "teacher" not in self.records[-1]:
             self.records[-1]["teacher"] = copy.deepcopy(module.teacher_backbone.state_dict())
 

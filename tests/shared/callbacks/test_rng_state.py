@@ -25,5 +25,5 @@ def test_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert draws() != expected  # not restored at load time (Lightning draws after loading) ...
     callback.on_train_epoch_start(None, None)  # ... but when the next epoch starts
     assert draws() == expected
-    callback.on_train_batch_start(None, None, None, 0)  # restored once only
+    callback.on_train_epoch_start(None, None)  # restored once only
     assert draws() != expected

@@ -1,0 +1,155 @@
+"""A preemption signal in the middle of an epoch: last.ckpt is saved at the end of that step,
+then the scheduler's handler runs; the requeued run continues the same epoch and ends bit for
+bit like the uninterrupted one. submitit's handler is stood in for by one that exits as it does
+after requeueing; the real one runs in the SLURM stage (tests/slurm)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from lightning import Callback
+
+from shared.callbacks.preemption import preemption_signal
+from tests.conftest import TINY_SYNTHETIC, compose_config
+from tests.pipelines import TINY
+from tests.tracking.runs import run_in_process
+
+EPOCHS = 3
+
+
+class SignalAt(Callback):
+    """Sends this process the preemption signal as global step `step` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), preemption_signal())
+
+
+class KillAt(Callback):
+    """Stops the process (as a kill would) as global step `step` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SystemExit(-9)
+
+
+class Scheduler:
+    """submitit's part: record the call and what last.ckpt held then, exit like a requeue."""
+
+    def __init__(self, last) -> None:
+        self.last, self.calls = last, []
+
+    def __call__(self, signum, frame) -> None:
+        saved = torch.load(self.last, weights_only=True) if self.last.is_file() else None
+        self.calls.append((signum, saved and saved["global_step"]))
+        raise SystemExit(-1)
+
+
+@pytest.fixture
+def scheduler_handler():
+    before = signal.getsignal(preemption_signal())
+    yield lambda handler: signal.signal(preemption_signal(), handler)
+    signal.signal(preemption_signal(), before)
+
+
+PIPELINES = {  # small batches: a few per epoch
+    "ssl": ("ssl", [*TINY["ssl"], "data.batch_size=4"]),
+    "matching": ("matching", [*TINY["matching"], "data.batch_size=4", "data.m_per_class=2"]),
+}
+
+
+@pytest.mark.parametrize("pipeline", ["ssl", "matching"])
+def test_preempted_mid_epoch_resumes_the_same_epoch_bit_for_bit(
+    tmp_path, scheduler_handler, pipeline
+):
+    config, tiny = PIPELINES[pipeline]
+    overrides = [
+        *tiny,
+        f"trainer.max_epochs={EPOCHS}",
+        "trainer.check_val_every_n_epoch=1",
+        "test=false",
+        "eval_at_init=false",
+    ]
+    data = tmp_path / "data"
+
+    def run(name, *extra):
+        cfg = compose_config(config, [*overrides, *extra], tmp_path / name, data_dir=data)
+        return run_in_process(cfg), tmp_path / name / "run" / "checkpoints" / "last.ckpt"
+
+    reference, reference_last = run("reference")
+    per_epoch = torch.load(reference_last, weights_only=True)["global_step"] // EPOCHS
+    assert per_epoch >= 3
+    step = per_epoch + 1  # the signal comes during epoch 1's second step
+
+    last = tmp_path / "preempted" / "run" / "checkpoints" / "last.ckpt"
+    scheduler = Scheduler(last)
+    scheduler_handler(scheduler)
+    trigger = [
+        "+callbacks.signal_at._target_=tests.shared.test_preemption.SignalAt",
+        f"+callbacks.signal_at.step={step}",
+    ]
+    with pytest.raises(SystemExit):
+        run("preempted", *trigger)
+    # saved at the end of the signalled step, before the scheduler's handler ran, mid-epoch
+    assert scheduler.calls == [(preemption_signal(), step + 1)]
+
+    resumed, resumed_last = run("preempted")  # the requeued job: same command, same folder
+    assert resumed == reference
+    a, b = (torch.load(p, weights_only=True) for p in (resumed_last, reference_last))
+    assert a["global_step"] == b["global_step"] == EPOCHS * per_epoch
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
+
+
+def test_without_a_scheduler_handler_the_signal_is_left_alone(tmp_path, scheduler_handler):
+    """Not under a scheduler (default handler): nothing is installed, training is untouched."""
+    scheduler_handler(signal.SIG_DFL)
+    cfg = compose_config(
+        "ssl",
+        [*TINY_SYNTHETIC, "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "test=false"],
+        tmp_path,
+    )
+    run_in_process(cfg)
+    assert signal.getsignal(preemption_signal()) is signal.SIG_DFL
+
+
+def test_killed_after_a_mid_epoch_checkpoint_resumes_from_it_bit_for_bit(tmp_path):
+    """`callbacks.last_checkpoint.every_n_train_steps` (long epochs): last.ckpt mid-epoch."""
+    overrides = [
+        *TINY["ssl"],
+        "data.batch_size=4",
+        f"trainer.max_epochs={EPOCHS}",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "test=false",
+        "eval_at_init=false",
+    ]
+    data = tmp_path / "data"
+
+    def run(name, *extra):
+        cfg = compose_config("ssl", [*overrides, *extra], tmp_path / name, data_dir=data)
+        return run_in_process(cfg), tmp_path / name / "run" / "checkpoints" / "last.ckpt"
+
+    reference, reference_last = run("reference")
+    (best,) = (tmp_path / "reference" / "run" / "checkpoints").glob("epoch_*.ckpt")
+    best = torch.load(best, weights_only=True)  # saved at the end of an epoch
+    per_epoch = best["global_step"] // (best["epoch"] + 1)
+    assert per_epoch % 2 == 1  # so that some step-2 checkpoint falls inside an epoch
+    with pytest.raises(SystemExit):
+        run("killed", "+callbacks.kill_at._target_=tests.shared.test_preemption.KillAt",
+            f"+callbacks.kill_at.step={per_epoch + 2}")  # fmt: skip
+    saved = torch.load(tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == per_epoch + 1  # epoch 1, mid-way
+
+    resumed, resumed_last = run("killed")
+    assert resumed == reference
+    a, b = (torch.load(p, weights_only=True) for p in (resumed_last, reference_last))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
