@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from shared.models import registry
 from shared.models.base import EmbeddingNet
 from shared.models.cgd import CGDNet
 from shared.models.dolg import DOLGNet
 from shared.models.registry import build_embedding_net
+from tests.conftest import CONF
 
 
 class TinyNet(EmbeddingNet):
@@ -51,3 +53,12 @@ def test_a_registered_net_is_built_and_has_no_aux_logits(monkeypatch):
 def test_an_unknown_or_missing_type_names_the_key_and_the_known_nets(model):
     with pytest.raises(ValueError, match=r"module\.model\.type=.*known: cgd, dolg"):
         build_embedding_net(model, {"name": "test_resnet"}, 3)
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "net").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_net_option_builds_from_its_yaml(path):
+    model = yaml.safe_load(path.read_text())
+    bb = {"name": "test_resnet", "features_only": model["type"] == "dolg"}
+    net = build_embedding_net(model, bb, 3)
+    assert isinstance(net, registry.NETS[model["type"]])
+    assert net.embedding_dim == model["embedding_dim"]
