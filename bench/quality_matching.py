@@ -67,7 +67,8 @@ from tqdm.auto import tqdm
 
 from shared.data.augment import EvalTransform, TrainTransform
 from shared.instantiate import instantiate
-from shared.modules.metric_learning import WarmupCosine, build_embedding_net
+from shared.models.registry import build_embedding_net
+from shared.modules.metric_learning import WarmupCosine
 
 KEYS = ["f1", "threshold", "precision", "recall", "recall@1", "map@r"]
 LABELS = ["F1", "threshold", "precision", "recall", "Recall@1", "mAP@R"]

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models.backbone import TimmBackbone
+from shared.models.base import EmbeddingNet
 from shared.models.poolers import build_pooler
 
 
-class CGDNet(nn.Module):
+class CGDNet(EmbeddingNet):
     """Backbone feature map -> n global descriptors -> one unit-norm embedding [B, D].
 
     `backbone` is a built `TimmBackbone` or a timm name (built with `backbone_kwargs`). The
@@ -84,6 +85,13 @@ class CGDNet(nn.Module):
         else:
             self.aux_head = None
 
+    @classmethod
+    def from_config(cls, model, backbone, num_classes):
+        # the module applies init_from_run; name and the feature layout are CGD's own
+        skip = ("name", "features_only", "out_indices", "init_from_run")
+        bb = {k: v for k, v in backbone.items() if k not in skip}
+        return cls(backbone["name"], num_classes=num_classes, backbone_kwargs=bb, **model)
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map [B, C, H, W]."""
         if self.backbone.features_only:
@@ -111,10 +119,11 @@ class CGDNet(nn.Module):
         blocks, _ = self._descriptors(x)
         return F.normalize(torch.cat(blocks, dim=1), dim=1)
 
-    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding [B, D], auxiliary logits / temperature [B, num_classes])."""
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embedding [B, D], auxiliary logits / temperature [B, num_classes]); the logits
+        are None when the net was built without num_classes (no auxiliary classifier)."""
         if self.aux_head is None:
-            raise ValueError("CGDNet was built without num_classes: it has no auxiliary classifier")
+            return self(x), None
         blocks, first = self._descriptors(x)
         embedding = F.normalize(torch.cat(blocks, dim=1), dim=1)
         return embedding, self.aux_head(first) / self.aux_temperature

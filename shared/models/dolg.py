@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models.backbone import TimmBackbone
+from shared.models.base import EmbeddingNet
 from shared.models.poolers import GeM
 
 
@@ -111,7 +112,7 @@ class DOLGLocalBranch(nn.Module):
         return F.normalize(feat, dim=1) * attention
 
 
-class DOLGNet(nn.Module):
+class DOLGNet(EmbeddingNet):
     """Image -> DOLG embedding [B, embedding_dim], not L2-normalised.
 
     The margin head and the evaluators normalise it themselves; leaving it raw keeps the FC's
@@ -158,6 +159,11 @@ class DOLGNet(nn.Module):
         self.gem = GeM(p=gem_p, trainable=True)
         self.global_fc = nn.Linear(c4, global_dim)
         self.fc = nn.Linear(local_dim + global_dim, embedding_dim)
+
+    @classmethod
+    def from_config(cls, model, backbone, num_classes):
+        """DOLG builds its own features_only backbone and has no auxiliary classifier."""
+        return cls(backbone["name"], pretrained_path=backbone.get("pretrained_path"), **model)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(local map f_l * attention [B, local_dim, H3, W3], global vector f_g [B, global_dim])."""

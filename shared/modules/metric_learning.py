@@ -1,4 +1,4 @@
-"""Supervised metric learning: an embedding net (CGD or DOLG) + an ArcFace-family head.
+"""Supervised metric learning: an embedding net (`shared.models.registry`) + an ArcFace head.
 
 Used by both pipelines: `module=cgd|dolg` in ssl/, and the product-matching model.
 Everything is built from plain values, so a checkpoint rebuilds the module on its own.
@@ -13,30 +13,18 @@ import torch.nn.functional as F
 
 from shared.data.augment import EvalTransform, TrainTransform
 from shared.models.backbone import both_inits_error, init_from_run
-from shared.models.cgd import CGDNet, batch_hard_triplet_loss, cgd_aux_loss
-from shared.models.dolg import DOLGNet
+from shared.models.cgd import batch_hard_triplet_loss, cgd_aux_loss
 from shared.models.margin_heads import ArcFaceHead
+from shared.models.registry import build_embedding_net
 from shared.modules.base import EmbeddingModule
 from shared.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
-def build_embedding_net(model: dict, backbone: dict, num_classes: int | None):
-    """`model.type` picks the architecture; `backbone` is the backbone group's plain values."""
-    kwargs = {k: v for k, v in model.items() if k != "type"}
-    kind = model.get("type")
-    if kind == "dolg":
-        return DOLGNet(backbone["name"], pretrained_path=backbone.get("pretrained_path"), **kwargs)
-    if kind == "cgd":
-        skip = ("name", "features_only", "out_indices", "init_from_run")  # the module applies it
-        bb = {k: v for k, v in backbone.items() if k not in skip}
-        return CGDNet(backbone["name"], num_classes=num_classes, backbone_kwargs=bb, **kwargs)
-    raise ValueError(f"module.model.type must be 'cgd' or 'dolg', got {kind!r}")
-
-
 class MetricLearningModule(EmbeddingModule):
-    """Embedding net + ArcFace / Sub-center ArcFace head (+ CGD's auxiliary and triplet losses).
+    """Embedding net + ArcFace / Sub-center ArcFace head (+ the net's auxiliary classification
+    loss, where it has an auxiliary classifier, and a batch-hard triplet loss).
 
     The head (and CGD's auxiliary classifier) has one class per label of the training
     split only, `train_labels` (store labels, in head order): validation and test groups of
@@ -146,14 +134,17 @@ class MetricLearningModule(EmbeddingModule):
             raise ValueError("a training batch holds a label outside module.train_labels")
         self.head.set_step(self.global_step)
         logs = {}
-        if hp.model.get("type") == "cgd" and self.net.aux_head is not None and hp.aux_weight:
-            embedding, aux_logits = self.net.forward_with_aux(x)
-            aux = cgd_aux_loss(aux_logits.float(), labels, hp.aux_label_smoothing)
-            logs["train/aux_loss"] = aux
-        else:
-            embedding, aux = self.net(x), 0.0
+        # the auxiliary classifier runs only when its loss counts (DDP needs every used
+        # parameter in the loss); a net without one returns None logits
+        embedding, aux_logits = (
+            self.net.forward_with_aux(x) if hp.aux_weight else (self.net(x), None)
+        )
         arc, logits = self.head(embedding, labels)
-        loss = arc + hp.aux_weight * aux
+        loss = arc
+        if aux_logits is not None:
+            aux = cgd_aux_loss(aux_logits.float(), labels, hp.aux_label_smoothing)
+            loss = arc + hp.aux_weight * aux
+            logs["train/aux_loss"] = aux
         logs["train/arcface_loss"] = arc
         if hp.triplet_weight:
             trip = batch_hard_triplet_loss(

@@ -18,7 +18,7 @@ from shared.data import store as store_mod
 from shared.data.publish import build_lock, lock_path, publish
 from shared.data.sources import SyntheticSource
 from shared.data.store import build_store
-from shared.data.synthetic import _write_atomically
+from shared.data.synthetic.writers import _write_atomically
 from tests.conftest import REPO
 
 TINY = dict(num_families=3, groups_per_family=2, min_instances=2, max_instances=3, image_size=32)

@@ -16,8 +16,10 @@ from shared.data.synthetic import (
     SyntheticProducts,
     SyntheticProductsSpec,
     image_phash,
+    recipes,
     write_class_folders,
     write_image_folder_csv,
+    writers,
 )
 
 SPEC = SyntheticProductsSpec(
@@ -92,7 +94,7 @@ def test_growing_the_set_keeps_earlier_families():
 
 
 def test_glyph_font_is_unambiguous():
-    bitmaps = [synthetic._FONT[g].replace(" ", "") for g in synthetic.GLYPHS]
+    bitmaps = [recipes.FONT[g].replace(" ", "") for g in synthetic.GLYPHS]
     assert all(len(b) == 35 for b in bitmaps)
     assert len(set(bitmaps)) == len(bitmaps)
 
@@ -272,7 +274,7 @@ def test_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
         calls.append(1)
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthetic, "_save_batch", broken)
+    monkeypatch.setattr(writers, "_save_batch", broken)
     with pytest.raises(OSError, match="disk full"):
         write_image_folder_csv(tiny, tmp_path / "shop", progress=False)
     assert calls and list(tmp_path.iterdir()) == []

@@ -1,10 +1,16 @@
-"""The metric-learning module's head covers the training labels only, and its logged accuracy
-is the nearest class centre's (plain cosines), checked against a brute-force computation."""
+"""The metric-learning module's head covers the training labels only, its logged accuracy is
+the nearest class centre's (plain cosines), checked against a brute-force computation, and its
+loss is the ArcFace + auxiliary + triplet formula on the net's own outputs."""
 
 from __future__ import annotations
 
-import torch
+import copy
 
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.models.cgd import batch_hard_triplet_loss
 from shared.modules.metric_learning import MetricLearningModule
 
 
@@ -75,3 +81,51 @@ def test_train_accuracy_is_the_nearest_class_centre_not_the_margin_logits():
     _, logits = m.head(emb, classes)
     assert (logits.argmax(1) == classes).float().mean() == 0  # what the old figure read
     assert m.logged["train/acc"] == 1.0
+
+
+def reference_loss(m, batch):
+    """The training loss written out on the net's outputs: ArcFace + w_aux x smoothed CE of
+    the auxiliary logits (CGD only) + w_trip x batch-hard triplet of the unit embeddings."""
+    labels = m.head_class[batch["labels"]]
+    x = m.train_transform(batch["images"])
+    embedding, aux_logits = m.net.forward_with_aux(x)
+    loss = m.head(embedding, labels)[0]
+    if aux_logits is not None:
+        smoothed = F.cross_entropy(aux_logits.float(), labels, label_smoothing=0.1)
+        loss = loss + 0.5 * smoothed
+    triplet = batch_hard_triplet_loss(F.normalize(embedding.float(), dim=-1), labels, 0.1)
+    return loss + 2.0 * triplet
+
+
+@pytest.mark.parametrize("kind", ["cgd", "dolg"])
+def test_training_steps_follow_the_loss_formula(kind):
+    model = {"type": kind, "embedding_dim": 12}
+    model.update({"descriptors": "SMG"} if kind == "cgd" else {"local_dim": 16, "global_dim": 16})
+    torch.manual_seed(0)
+    m = LogCapture(
+        model=model,
+        backbone={"name": "test_resnet", "features_only": kind == "dolg"},
+        head={"margin": 0.3, "scale": 30.0},
+        num_classes=4,
+        aux_weight=0.5,  # DOLG has no auxiliary classifier: no aux term, no aux log
+        triplet_weight=2.0,
+        train_transform={"size": 32},
+    )
+    ref = copy.deepcopy(m)
+    opts = [torch.optim.AdamW(n.parameters(), lr=1e-2) for n in (m, ref)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        images = torch.randint(0, 256, (8, 3, 40, 40), generator=gen, dtype=torch.uint8)
+        batch = {"images": images, "labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+        rng = torch.get_rng_state()  # the same random augmentation for both
+        losses = [m.training_step(batch, step)]
+        torch.set_rng_state(rng)
+        losses.append(reference_loss(ref, batch))
+        assert torch.equal(losses[0], losses[1]), (step, losses)
+        assert ("train/aux_loss" in m.logged) == (kind == "cgd")
+        for opt, loss in zip(opts, losses, strict=True):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (name, a), b in zip(m.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
