@@ -220,7 +220,7 @@ def embed_loader(embed, loader) -> dict[str, torch.Tensor]:
     }
 
 
-def evaluate_with(callback, data: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
+def evaluate_with(callback, data: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
     """The pipeline's own evaluator callback scoring the peer's embeddings (nothing written)."""
     trainer = types.SimpleNamespace(sanity_checking=False, testing=False, is_global_zero=True)
     return {k: float(v) for k, v in callback.evaluate(data, trainer).items()}

@@ -240,8 +240,8 @@ def run_lightly(cfg, probe) -> dict:
             return F.normalize(teacher_bb(eval_transform(images)).float(), dim=-1)
 
         data = {
-            0: embed_loader(embed, dm.bank_dataloader()),
-            1: embed_loader(embed, dm.query_dataloader()),
+            "bank": embed_loader(embed, dm.bank_dataloader()),
+            "query": embed_loader(embed, dm.query_dataloader()),
         }
         return {"epoch": epoch, **evaluate_with(knn, data)}
 

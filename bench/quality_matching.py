@@ -132,7 +132,7 @@ def run_pml(cfg, probe) -> dict:
         def embed(images):
             return F.normalize(net(eval_transform(images)).float(), dim=-1)
 
-        data = {0: embed_loader(embed, dm.val_dataloader()[0])}
+        data = {"fold": embed_loader(embed, dm.val_dataloader()["fold"])}
         return {"epoch": epoch, **evaluate_with(evaluator, data)}
 
     eval_epochs = {h["epoch"] for h in probe.history if h["epoch"] > 0}

@@ -19,19 +19,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from shared.atomic import write_text
+from shared.callbacks.csv_history import CsvHistory
 from shared.callbacks.final_validation import ValidateLastEpoch
 from shared.callbacks.loader_position import LoaderPositionCallback
 from shared.callbacks.preemption import PreemptionCheckpoint
 from shared.callbacks.progress_log import ProgressLog
+from shared.callbacks.run_summary import RunSummaryCallback
 from shared.checkpoint_io import use_atomic_checkpoints
 from shared.config import check_trainer_config, prepare_environment
 from shared.instantiate import instantiate, instantiate_group, save_resolved_config
 from shared.resume import check_compatible, last_checkpoint, resume_checkpoint
 from shared.run_loading import CHOSEN
-from shared.summary import best_checkpoint, final_metric
-from shared.tracking.csv_logger import CsvHistory
 from shared.tracking.loggers import finish_loggers, log_config
-from shared.tracking.run_summary import RunSummaryCallback
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,29 @@ def _run(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         _write_results(out, results)
     return metric
+
+
+def final_metric(trainer, name: str | None) -> float | None:
+    """The value of `name` the sweeper optimises: the best checkpoint's score when it is the
+    monitored metric, else the last logged value."""
+    if not name:
+        return None
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.monitor == name and ckpt.best_model_score is not None:
+        return float(ckpt.best_model_score)
+    value = trainer.callback_metrics.get(name)
+    if value is None:
+        available = sorted(trainer.callback_metrics)
+        raise KeyError(f"optimized_metric={name!r} was never logged; logged: {available}")
+    return float(value)
+
+
+def best_checkpoint(trainer) -> str | None:
+    """Best checkpoint path to test, or None (test the weights in memory)."""
+    ckpt = trainer.checkpoint_callback
+    if trainer.fast_dev_run or ckpt is None:
+        return None
+    return ckpt.best_model_path or None
 
 
 def _first(outputs: list[dict]) -> dict:

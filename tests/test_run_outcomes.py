@@ -73,7 +73,7 @@ def test_matching_test_fold_is_scored_at_the_threshold_chosen_on_validation(tmp_
     assert [h["epoch"] for h in history] == [0, 0, 1, 2]  # untrained, then every epoch
 
     # The same figure recomputed outside the trainer: test-fold embeddings, one threshold.
-    from matching.evaluate import sweep_embeddings
+    from shared.retrieval.threshold import sweep_embeddings
 
     dm = loaded.datamodule
     dm.setup()

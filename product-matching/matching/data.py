@@ -97,8 +97,6 @@ class ProductsDataModule(StoreDataModule):
                 )
         return train, val, test
 
-    def val_dataloader(self):
-        return [self.query_dataloader("val")]
-
-    def test_dataloader(self):
-        return [self.query_dataloader("test")]
+    def eval_dataloaders(self, split: str):
+        """One loader, the validation (or test) fold searched against itself."""
+        return {"fold": self.query_dataloader(split)}

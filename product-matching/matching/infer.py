@@ -11,13 +11,13 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from matching.evaluate import TFIDF_KEY
 from shared.atomic import atomic_write
+from shared.callbacks.matching_eval import TFIDF_KEY
 from shared.data.sources import DEFAULT_BACKGROUND, CsvSource, check_background
 from shared.data.store import build_store
 from shared.retrieval.combine import TextCombination, candidate_pairs, combined_matches
 from shared.retrieval.search import knn_search
-from shared.retrieval.text import TitleTfidf, has_title
+from shared.retrieval.text import TitleTfidf, has_title, titles_by_id
 from shared.retrieval.threshold import matches_from_threshold
 from shared.run_loading import load_run
 
@@ -96,10 +96,7 @@ def match_postings(
     root = Path(store_root) if store_root else Path(run.run_dir) / "inference_stores"
     store = build_store(source, root, size, name="postings")
     embeddings = embed_store(run.module, store.images)
-    titles = None
-    if source.titles is not None:
-        by_id = dict(zip(source.ids, source.titles, strict=True))
-        titles = [by_id[i] for i in store.ids]
+    titles = titles_by_id(source, store.ids)
     text = run_text(run)
     if text is not None and explicit:  # --threshold overrides the combination's threshold
         text = {**text, "threshold": threshold}

@@ -1,17 +1,32 @@
 """Collect the embeddings a module's validation/test step returns, gathered across ranks.
 
 Every module's `validation_step` returns `{"embeddings", "labels", "index"}` from `embed()`;
-evaluator callbacks subclass `EmbeddingCallback` and only implement `evaluate`.
+evaluator callbacks subclass `EmbeddingCallback` and only implement `evaluate`, which gets the
+outputs by loader name: a data module's `val_dataloader()` / `test_dataloader()` return a dict
+(`{"bank": ..., "query": ...}`; product matching: `{"fold": ...}`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from lightning import Callback
 
 from shared.distributed import gather_by_index
+
+
+def loader_names(trainer) -> list[str]:
+    """Names of the running evaluation's loaders, in Lightning's order: the hooks'
+    `dataloader_idx` indexes this list (Lightning runs a dict of loaders in its order)."""
+    loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+    if not isinstance(loaders, Mapping):
+        raise TypeError(
+            "the data module's val_dataloader() / test_dataloader() must return a dict of "
+            f"loaders by name (e.g. {{'bank': ..., 'query': ...}}), got {type(loaders).__name__}"
+        )
+    return list(loaders)
 
 
 class EmbeddingCallback(Callback):
@@ -47,14 +62,15 @@ class EmbeddingCallback(Callback):
             return
         self._parts[dataloader_idx].append({k: v.detach() for k, v in outputs.items()})
 
-    def gathered(self) -> dict[int, dict[str, torch.Tensor]]:
-        """{dataloader_idx: {"index", "embeddings", "labels"}} de-duplicated, on the CPU."""
+    def gathered(self, trainer) -> dict[str, dict[str, torch.Tensor]]:
+        """{loader name: {"index", "embeddings", "labels"}} de-duplicated, on the CPU."""
+        names = loader_names(trainer)
         result = {}
         for i in sorted(self._parts):
             parts = self._parts[i]
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             index, emb, labels = gather_by_index(cat["index"], cat["embeddings"], cat["labels"])
-            result[i] = {
+            result[names[i]] = {
                 "index": index.cpu(),
                 "embeddings": emb.float().cpu(),
                 "labels": labels.cpu(),
@@ -79,12 +95,12 @@ class EmbeddingCallback(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if self._parts:
-            self._log(trainer, pl_module, self.evaluate(self.gathered(), trainer), "val")
+            self._log(trainer, pl_module, self.evaluate(self.gathered(trainer), trainer), "val")
         self._reset()
 
     def on_test_epoch_end(self, trainer, pl_module):
         if self._parts:
-            self._log(trainer, pl_module, self.evaluate(self.gathered(), trainer), "test")
+            self._log(trainer, pl_module, self.evaluate(self.gathered(trainer), trainer), "test")
         self._reset()
 
     def _log(self, trainer, pl_module, metrics: dict[str, float], stage: str) -> None:
@@ -98,5 +114,5 @@ class EmbeddingCallback(Callback):
                 prog_bar=name == getattr(self, "prog", ""),
             )
 
-    def evaluate(self, data: dict[int, dict[str, torch.Tensor]], trainer) -> dict[str, float]:
+    def evaluate(self, data: dict[str, dict[str, torch.Tensor]], trainer) -> dict[str, float]:
         raise NotImplementedError

@@ -11,7 +11,8 @@ from shared.retrieval.knn import knn_accuracy
 
 
 class KNNCallback(EmbeddingCallback):
-    """Top-1 of a weighted kNN vote: bank = dataloader 0 (train, un-augmented), queries = 1.
+    """Top-1 of a weighted kNN vote of the `query` loader's items among the `bank` loader's
+    (train, un-augmented).
 
     Weight exp(sim / T) with T = 0.07 over the k nearest L2-normalised bank features
     (Wu et al. 2018; Caron et al. 2021). Logs `<stage>/knn_top1@k` for each k (capped at the
@@ -24,8 +25,8 @@ class KNNCallback(EmbeddingCallback):
         ks: tuple[int, ...] = (10, 20, 100, 200),
         temperature: float = 0.07,
         every_n_epochs: int = 1,
-        bank_loader: int = 0,
-        query_loader: int = 1,
+        bank_loader: str = "bank",
+        query_loader: str = "query",
         device: str = "auto",
         history_dir: str | None = None,
         index: str = "flat",

@@ -54,7 +54,6 @@ class OnlineProbeCallback(EmbeddingCallback):
         self.head: nn.Linear | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict | None = None
-        self.query_loader: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -65,7 +64,6 @@ class OnlineProbeCallback(EmbeddingCallback):
                 f"loaders are {names}; the probe scores classes seen in training, so it needs "
                 "the kNN protocol's 'query' loader (the ssl pipeline, split_by=instance)"
             )
-        self.query_loader = names.index(self.loader)
 
     def _build(self, dim: int, num_classes: int, device) -> None:
         self.head = nn.Linear(dim, num_classes)
@@ -121,9 +119,9 @@ class OnlineProbeCallback(EmbeddingCallback):
         if self.head is None and self._pending is not None:  # a test of a restored run
             classes, dim = self._pending["head"]["weight"].shape
             self._build(dim, classes, trainer.strategy.root_device)
-        if self.head is None or self.query_loader not in data:
+        if self.head is None or self.loader not in data:
             return {}
-        query = data[self.query_loader]
+        query = data[self.loader]
         x = query["embeddings"].to(self.head.weight.device)
         hits = self.head(x).argmax(1).cpu() == query["labels"]
         return {"probe_top1": float(hits.float().mean())}

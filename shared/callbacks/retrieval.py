@@ -17,7 +17,7 @@ class RetrievalCallback(EmbeddingCallback):
     has no other item cannot score and are skipped, as pytorch-metric-learning does."""
 
     def __init__(
-        self, ks: tuple[int, ...] = (1, 10), loader: int = 1, every_n_epochs: int = 1
+        self, ks: tuple[int, ...] = (1, 10), loader: str = "query", every_n_epochs: int = 1
     ) -> None:
         super().__init__(every_n_epochs)
         self.ks, self.loader = tuple(ks), loader

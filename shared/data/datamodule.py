@@ -158,10 +158,11 @@ def _split_groups(labels, groups, val_fraction, test_fraction, rng, split) -> No
 
 
 class StoreDataModule(LightningDataModule):
-    """Train on the train split; validate on [bank = train un-augmented, query = val] and
-    test on [bank = train un-augmented, query = test], the held-out split.
+    """Train on the train split; validate on {bank: train un-augmented, query: val} and
+    test on {bank: train un-augmented, query: test}, the held-out split.
 
-    Validation and test dataloader 0 is the kNN bank, 1 the queries (see `VAL_LOADERS`).
+    Evaluation loaders come as a dict by name, `VAL_LOADERS` its keys; evaluator callbacks
+    ask for them by name (`callbacks.knn.bank_loader`, ...), never by position.
     """
 
     VAL_LOADERS = ("bank", "query")
@@ -292,8 +293,12 @@ class StoreDataModule(LightningDataModule):
             )
         return self._loader(rows, self.eval_batch_size, False)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self.bank_dataloader(), self.query_dataloader("val")]
+    def eval_dataloaders(self, split: str) -> dict[str, DataLoader]:
+        """The loaders of one evaluation by name (the keys are `VAL_LOADERS`)."""
+        return {"bank": self.bank_dataloader(), "query": self.query_dataloader(split)}
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self.bank_dataloader(), self.query_dataloader("test")]
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        return self.eval_dataloaders("val")
+
+    def test_dataloader(self) -> dict[str, DataLoader]:
+        return self.eval_dataloaders("test")

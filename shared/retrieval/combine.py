@@ -14,7 +14,7 @@ evaluation, inference and the service apply the one threshold rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -173,3 +173,34 @@ def combined_matches(
     return matches_from_threshold(
         pairs.scores(combo, text_threshold), pairs.idx, ids, threshold, min2=min2
     )
+
+
+def text_matching(
+    emb, sims, idx, text, titled, labels, combo, thresholds, k, chosen=None, min2=None
+) -> tuple[dict, dict]:
+    """Title-only and combined scores of one fold: (metrics, chosen thresholds).
+
+    `chosen` None: choose on this fold (validation); else score at those (test)."""
+    text_knn = title_knn(text, titled, k)
+    t_text = [chosen["text_only"]] if chosen else thresholds
+    text_only = threshold_sweep(*text_knn, labels, t_text, min2=min2)
+    pairs = candidate_pairs(combo, emb, text, titled, k, (sims, idx), text_knn)
+    if chosen is None:
+        t, tt, result = sweep_pairs(pairs, labels, combo, thresholds, min2)
+    else:
+        t, tt = chosen["threshold"], chosen["text_threshold"]
+        fixed = replace(combo, text_thresholds=(tt, tt, 1)) if tt is not None else combo
+        _, _, result = sweep_pairs(pairs, labels, fixed, [t], min2)
+    b = result.best_index
+    metrics = {
+        "f1": result.best_f1,
+        "threshold": t,
+        "precision": float(result.precision[b]),
+        "recall": float(result.recall[b]),
+        "f1_text": text_only.best_f1,
+        "threshold_text_only": text_only.best_threshold,
+    }
+    if tt is not None:
+        metrics["threshold_text"] = tt
+    picked = {"threshold": t, "text_threshold": tt, "text_only": text_only.best_threshold}
+    return metrics, picked

@@ -18,6 +18,16 @@ import scipy.sparse as sp
 _STATE_KEYS = ("vocabulary", "idf")
 
 
+def titles_by_id(source, ids: Sequence[str]) -> list[str] | None:
+    """The source's title of each of `ids` (a store's rows are in their own order), or None
+    when the source has no titles."""
+    titles = getattr(source, "titles", None)
+    if titles is None:
+        return None
+    by_id = dict(zip(source.ids, titles, strict=True))
+    return [by_id[i] for i in ids]
+
+
 def has_title(titles: Sequence[str | None]) -> np.ndarray:
     """bool [N]: the posting has a title with something other than spaces."""
     return np.array([bool(t and str(t).strip()) for t in titles], dtype=bool)

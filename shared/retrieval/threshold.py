@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.retrieval.search import eval_search
+
 # The competition caps groups at 50 and a k = 51 self-search returns self + 50 others.
 MAX_NEIGHBOURS = 50
 
@@ -325,3 +327,44 @@ def neighbourhood_blend(
 
         return torch.from_numpy(out).to(device=embeddings.device, dtype=embeddings.dtype)
     return out
+
+
+def sweep_embeddings(
+    embeddings,
+    labels,
+    thresholds,
+    k: int = 51,
+    min2: float | None = None,
+    blend_k: int | None = None,
+    blend_threshold: float | None = None,
+    **search_kwargs,
+):
+    """Search (k = 51: groups of at most 50 plus the posting itself), optionally blend each
+    embedding with its neighbours and search again, then sweep all thresholds.
+
+    `search_kwargs` go to `eval_search` (index="ivf" or "hnsw", target_recall for very
+    large folds)."""
+    _, sims, idx = image_neighbours(embeddings, k, blend_k, blend_threshold, **search_kwargs)
+    return threshold_sweep(sims, idx, np.asarray(labels), thresholds, min2=min2), sims, idx
+
+
+def image_neighbours(
+    embeddings, k=51, blend_k=None, blend_threshold=None, search_info=None, **search_kwargs
+):
+    """(embeddings as searched, sims, idx): one self-search, or two around a blend.
+
+    The search is `eval_search`; with a tuned index, `search_info` (a dict, if given) gets
+    its info, the recall the lower of the two searches'."""
+    if len(embeddings) == 0:
+        raise ValueError("threshold sweep on an empty validation fold")
+    sims, idx, info = eval_search(embeddings, embeddings, k, **search_kwargs)
+    if blend_k:
+        embeddings = neighbourhood_blend(
+            embeddings, sims, idx, k=blend_k, threshold=blend_threshold
+        )
+        sims, idx, second = eval_search(embeddings, embeddings, k, **search_kwargs)
+        if info is not None:
+            info = {**second, "recall": min(info["recall"], second["recall"])}
+    if search_info is not None and info is not None:
+        search_info.update(info)
+    return embeddings, sims, idx

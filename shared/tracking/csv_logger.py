@@ -2,10 +2,10 @@
 
 Lightning's writer deletes an existing `metrics.csv` when it starts, so a run resumed after a
 kill or a SLURM requeue lost every row before the resume point. Here the file is kept, and
-`CsvHistory` (a callback `shared.train.run` always adds) records in each checkpoint how many
-rows the file held when the checkpoint was written. A resumed run first cuts the file back to
-that count (the rows logged after the checkpoint are about work that is now redone), then
-appends: no row is lost, none is written twice.
+the `shared.callbacks.csv_history.CsvHistory` callback (which `shared.train.run` always adds)
+records in each checkpoint how many rows the file held when the checkpoint was written. A
+resumed run first cuts the file back to that count (the rows logged after the checkpoint are
+about work that is now redone), then appends: no row is lost, none is written twice.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import csv
 import os
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from shared.atomic import atomic_write
 
 
-class _KeepingWriter(ExperimentWriter):
+class KeepingWriter(ExperimentWriter):
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
         if os.path.isfile(self.metrics_file_path):
@@ -63,44 +62,8 @@ class CSVLogger(LightningCSVLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> _KeepingWriter:
+    def experiment(self) -> KeepingWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+            self._experiment = KeepingWriter(log_dir=self.log_dir)
         return self._experiment
-
-
-class CsvHistory(Callback):
-    """Saves the row count of each `CSVLogger` above with every checkpoint; on resume, cuts
-    `metrics.csv` back to it before training continues."""
-
-    def __init__(self) -> None:
-        self._trainer = None
-        self._restored: list[int] | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self._trainer = trainer
-
-    def _writers(self) -> list[_KeepingWriter]:
-        trainer = self._trainer
-        if trainer is None or not trainer.is_global_zero:
-            return []
-        return [lg.experiment for lg in trainer.loggers if isinstance(lg, CSVLogger)]
-
-    def state_dict(self) -> dict:
-        counts = []
-        for writer in self._writers():
-            writer.save()  # what was logged up to this checkpoint, on disk first
-            counts.append(writer.rows_on_disk())
-        return {"rows": counts}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._restored = list(state_dict.get("rows", []))
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self._restored is None:
-            return
-        for writer, count in zip(self._writers(), self._restored):
-            writer.metrics = []
-            writer.keep_rows(count)
-        self._restored = None

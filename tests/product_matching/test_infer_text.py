@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from matching.evaluate import MatchingEvalCallback
 from matching.infer import match_embeddings, run_text
+from shared.callbacks.matching_eval import MatchingEvalCallback
 from shared.run_loading import CHOSEN
 
 WORDS = "acme zorq bottle jar tin red blue green promo ori murah kettle mug".split()
@@ -57,7 +57,7 @@ def test_infer_matches_are_the_evaluations(mode):
         "labels": torch.from_numpy(labels[val]),
         "index": torch.from_numpy(val),
     }
-    metrics = callback.evaluate({0: fold}, trainer)
+    metrics = callback.evaluate({"fold": fold}, trainer)
     assert {"f1_image", "f1_text", "f1"} <= set(metrics)
 
     checkpoint = {}

@@ -8,13 +8,12 @@ import pandas as pd
 import pytest
 
 from matching.data import ProductsDataModule, refuse_moved_keys
-from matching.evaluate import sweep_embeddings
 from matching.folds import make_folds
 from matching.infer import read_matches, write_matches
 from shared.data.sources import FolderSource, PostingsSource, synthetic_postings
 from shared.modules.metric_learning import MetricLearningModule
 from shared.retrieval.search import knn_search
-from shared.retrieval.threshold import matches_from_threshold
+from shared.retrieval.threshold import matches_from_threshold, sweep_embeddings
 
 SPEC = dict(
     num_families=5, groups_per_family=2, min_instances=2, max_instances=4, image_size=32, seed=3
@@ -56,7 +55,8 @@ def test_store_and_folds_from_csv(tmp_path, postings):
     assert set(dm.folds[dm.test_indices]) == {2} and set(dm.folds[dm.val_indices]) == {1}
     # The store's integer labels and groups give the folds of the CSV's own columns.
     assert np.array_equal(dm.folds, make_folds(frame.label_group, frame.image_phash, 3))
-    batch = next(iter(dm.val_dataloader()[0]))
+    assert list(dm.val_dataloader()) == list(dm.test_dataloader()) == list(dm.VAL_LOADERS)
+    batch = next(iter(dm.val_dataloader()["fold"]))
     assert batch["images"].shape[1:] == (3, 32, 32)
 
 

@@ -2,7 +2,8 @@
 
 import csv
 
-from shared.tracking.csv_logger import CsvHistory, CSVLogger
+from shared.callbacks.csv_history import CsvHistory
+from shared.tracking.csv_logger import CSVLogger
 
 
 class FakeTrainer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.summary import flop_counts, log_run_summary
+from shared.callbacks.run_summary import flop_counts, log_run_summary
 
 
 class Tiny(nn.Module):

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from shared.callbacks.wandb_extras import WandbExtrasCallback
 from shared.tracking.examples import nearest_examples
-from shared.tracking.wandb_extras import WandbExtrasCallback
 from shared.tracking.wandb_offline import summarize
 from tests.tracking.runs import TINY_DINO, run_in_process
 

@@ -2,12 +2,14 @@
 
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from matching.evaluate import MatchingEvalCallback
+from shared.callbacks.embeddings import EmbeddingCallback
 from shared.callbacks.knn import KNNCallback
+from shared.callbacks.matching_eval import MatchingEvalCallback
 from shared.retrieval.knn import knn_accuracy
 from shared.retrieval.threshold import threshold_sweep
 
@@ -28,7 +30,10 @@ def test_knn_callback_equals_knn_accuracy(index):
     query, query_y = clustered(90, 7, 16, 1)
     cb = KNNCallback(ks=(5, 20), device="cpu", index=index, nlist=8, nprobe=8, target_recall=None)
     got = cb.evaluate(
-        [{"embeddings": bank, "labels": bank_y}, {"embeddings": query, "labels": query_y}],
+        {
+            "bank": {"embeddings": bank, "labels": bank_y},
+            "query": {"embeddings": query, "labels": query_y},
+        },
         TRAINER,
     )
     # IVF visiting all 8 cells is an exact search: the flat figures.
@@ -39,7 +44,7 @@ def test_knn_callback_equals_knn_accuracy(index):
 
 def test_matching_callback_ivf_all_cells_equals_flat():
     emb, y = clustered(300, 40, 16, 2)
-    batch = [{"embeddings": emb, "labels": y}]
+    batch = {"fold": {"embeddings": emb, "labels": y}}
     flat = MatchingEvalCallback(k=11).evaluate(batch, TRAINER)
     ivf = MatchingEvalCallback(k=11, index="ivf", nlist=6, nprobe=6, target_recall=None)
     ivf = ivf.evaluate(batch, TRAINER)
@@ -60,7 +65,10 @@ def test_matching_callback_ivf_all_cells_equals_flat():
 def test_knn_callback_tuned_index_logs_recall(index):
     bank, bank_y = clustered(2000, 7, 16, 3)
     query, query_y = clustered(300, 7, 16, 4)
-    data = [{"embeddings": bank, "labels": bank_y}, {"embeddings": query, "labels": query_y}]
+    data = {
+        "bank": {"embeddings": bank, "labels": bank_y},
+        "query": {"embeddings": query, "labels": query_y},
+    }
     flat = KNNCallback(ks=(5, 20), device="cpu").evaluate(data, TRAINER)
     assert "search_recall" not in flat
     # target 1.0 over all 300 queries (the sample holds them all): the exact neighbours
@@ -80,8 +88,70 @@ def test_knn_callback_tuned_index_logs_recall(index):
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
 def test_matching_callback_tuned_index_logs_recall(index):
     emb, y = clustered(600, 80, 16, 5)
-    batch = [{"embeddings": emb, "labels": y}]
+    batch = {"fold": {"embeddings": emb, "labels": y}}
     flat = MatchingEvalCallback(k=11).evaluate(batch, TRAINER)
     tuned = MatchingEvalCallback(k=11, index=index, target_recall=1.0).evaluate(batch, TRAINER)
     assert tuned.pop("search_recall") == 1.0
     assert tuned == pytest.approx(flat, abs=1e-6)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        return {"embeddings": torch.full((2,), float(row)), "labels": row % 3, "index": row}
+
+
+class _Echo(L.LightningModule):
+    """validation_step returns the loader's rows as embeddings, so each part is traceable."""
+
+    def __init__(self, loaders):
+        super().__init__()
+        self.loaders = loaders
+
+    def val_dataloader(self):
+        return self.loaders
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return batch
+
+
+class _Record(EmbeddingCallback):
+    def evaluate(self, data, trainer):
+        self.data = data
+        return {name: float(part["index"].sum()) for name, part in data.items()}
+
+
+def _loader(rows):
+    return torch.utils.data.DataLoader(_Rows(rows), batch_size=2)
+
+
+def _validate(loaders):
+    record = _Record()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[record],
+    )  # fmt: skip
+    metrics = trainer.validate(_Echo(loaders), verbose=False)
+    return record, metrics
+
+
+def test_evaluation_loaders_reach_the_callback_by_name_in_any_order():
+    rows = {"query": [10, 11, 12], "bank": [0, 1, 2, 3, 4]}  # not the usual order
+    record, metrics = _validate({name: _loader(r) for name, r in rows.items()})
+    assert list(record.data) == ["query", "bank"]
+    for name, r in rows.items():
+        assert record.data[name]["index"].tolist() == r
+        assert record.data[name]["embeddings"][:, 0].tolist() == [float(x) for x in r]
+    # one set of names, without Lightning's /dataloader_idx_<i> suffix
+    assert metrics[0] == {"val/query": 33.0, "val/bank": 10.0}
+
+
+def test_evaluation_loaders_as_a_list_are_refused_by_name():
+    with pytest.raises(TypeError, match="must return a dict of loaders by name"):
+        _validate([_loader([0, 1]), _loader([2, 3])])

@@ -180,13 +180,17 @@ def test_batches_are_store_rows(dm):
     seen = torch.cat([b["index"] for b in batches])
     assert len(set(seen.tolist())) == len(seen) and set(seen.tolist()) <= set(dm.train_indices)
 
-    bank, query = dm.val_dataloader()
+    loaders = dm.val_dataloader()
+    assert list(loaders) == list(dm.VAL_LOADERS) == ["bank", "query"]
+    bank, query = loaders["bank"], loaders["query"]
     for loader, rows in ((bank, dm.train_indices), (query, dm.val_indices)):
         got = [b for b in loader]
         for b in got:
             _check_batch(dm, b)
         assert torch.equal(torch.cat([b["index"] for b in got]), torch.as_tensor(rows))
-    test_bank, test_query = dm.test_dataloader()  # same bank, held-out queries
+    test_loaders = dm.test_dataloader()  # same bank, held-out queries
+    assert list(test_loaders) == list(dm.VAL_LOADERS)
+    test_bank, test_query = test_loaders["bank"], test_loaders["query"]
     assert torch.equal(
         torch.cat([b["index"] for b in test_bank]), torch.as_tensor(dm.train_indices)
     )
@@ -258,7 +262,7 @@ def test_train_batch_transform_runs_in_the_loader(dm, workers):
         expect = dm.store.images[b["index"]].float()
         assert torch.equal(full, expect) and torch.equal(small, expect[:, :, :2, :2] + 0.5)
         assert torch.equal(b["labels"], dm.store.labels[b["index"]])
-    for b in dm.val_dataloader()[0]:
+    for b in dm.val_dataloader()["bank"]:
         _check_batch(dm, b)
     dm.set_train_batch_transform(None)
     _check_batch(dm, next(iter(dm.train_dataloader())))

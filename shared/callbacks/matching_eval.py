@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,96 +11,14 @@ import numpy as np
 from shared.atomic import write_text
 from shared.callbacks.embeddings import EmbeddingCallback
 from shared.plots import plot_threshold_sweep
-from shared.retrieval.combine import TextCombination, candidate_pairs, sweep_pairs, title_knn
+from shared.retrieval.combine import TextCombination, text_matching
 from shared.retrieval.metrics import retrieval_metrics
-from shared.retrieval.search import eval_search
-from shared.retrieval.text import TitleTfidf, has_title
-from shared.retrieval.threshold import neighbourhood_blend, threshold_sweep
+from shared.retrieval.text import TitleTfidf, has_title, titles_by_id
+from shared.retrieval.threshold import image_neighbours, threshold_sweep
 from shared.run_loading import CHOSEN
 
 # Where the callback state keeps the TF-IDF fitted on the training titles (infer reads it).
 TFIDF_KEY = "title_tfidf"
-
-
-def sweep_embeddings(
-    embeddings,
-    labels,
-    thresholds,
-    k: int = 51,
-    min2: float | None = None,
-    blend_k: int | None = None,
-    blend_threshold: float | None = None,
-    **search_kwargs,
-):
-    """Search (k = 51: groups of at most 50 plus the posting itself), optionally blend each
-    embedding with its neighbours and search again, then sweep all thresholds.
-
-    `search_kwargs` go to `eval_search` (index="ivf" or "hnsw", target_recall for very
-    large folds)."""
-    _, sims, idx = image_neighbours(embeddings, k, blend_k, blend_threshold, **search_kwargs)
-    return threshold_sweep(sims, idx, np.asarray(labels), thresholds, min2=min2), sims, idx
-
-
-def image_neighbours(
-    embeddings, k=51, blend_k=None, blend_threshold=None, search_info=None, **search_kwargs
-):
-    """(embeddings as searched, sims, idx): one self-search, or two around a blend.
-
-    The search is `eval_search`; with a tuned index, `search_info` (a dict, if given) gets
-    its info, the recall the lower of the two searches'."""
-    if len(embeddings) == 0:
-        raise ValueError("threshold sweep on an empty validation fold")
-    sims, idx, info = eval_search(embeddings, embeddings, k, **search_kwargs)
-    if blend_k:
-        embeddings = neighbourhood_blend(
-            embeddings, sims, idx, k=blend_k, threshold=blend_threshold
-        )
-        sims, idx, second = eval_search(embeddings, embeddings, k, **search_kwargs)
-        if info is not None:
-            info = {**second, "recall": min(info["recall"], second["recall"])}
-    if search_info is not None and info is not None:
-        search_info.update(info)
-    return embeddings, sims, idx
-
-
-def store_titles(datamodule) -> list[str] | None:
-    """The title of every store row (by id), or None when the source has no titles."""
-    titles = getattr(datamodule.source, "titles", None)
-    if titles is None:
-        return None
-    by_id = dict(zip(datamodule.source.ids, titles, strict=True))
-    return [by_id[i] for i in datamodule.store.ids]
-
-
-def text_matching(
-    emb, sims, idx, text, titled, labels, combo, thresholds, k, chosen=None, min2=None
-) -> tuple[dict, dict]:
-    """Title-only and combined scores of one fold: (metrics, chosen thresholds).
-
-    `chosen` None: choose on this fold (validation); else score at those (test)."""
-    text_knn = title_knn(text, titled, k)
-    t_text = [chosen["text_only"]] if chosen else thresholds
-    text_only = threshold_sweep(*text_knn, labels, t_text, min2=min2)
-    pairs = candidate_pairs(combo, emb, text, titled, k, (sims, idx), text_knn)
-    if chosen is None:
-        t, tt, result = sweep_pairs(pairs, labels, combo, thresholds, min2)
-    else:
-        t, tt = chosen["threshold"], chosen["text_threshold"]
-        fixed = replace(combo, text_thresholds=(tt, tt, 1)) if tt is not None else combo
-        _, _, result = sweep_pairs(pairs, labels, fixed, [t], min2)
-    b = result.best_index
-    metrics = {
-        "f1": result.best_f1,
-        "threshold": t,
-        "precision": float(result.precision[b]),
-        "recall": float(result.recall[b]),
-        "f1_text": text_only.best_f1,
-        "threshold_text_only": text_only.best_threshold,
-    }
-    if tt is not None:
-        metrics["threshold_text"] = tt
-    picked = {"threshold": t, "text_threshold": tt, "text_only": text_only.best_threshold}
-    return metrics, picked
 
 
 class MatchingEvalCallback(EmbeddingCallback):
@@ -120,7 +38,7 @@ class MatchingEvalCallback(EmbeddingCallback):
         blend_k: int | None = None,
         blend_threshold: float | None = None,
         plot_dir: str | None = None,
-        loader: int = 0,
+        loader: str = "fold",
         every_n_epochs: int = 1,
         index: str = "flat",
         nlist: int | None = None,
@@ -191,7 +109,7 @@ class MatchingEvalCallback(EmbeddingCallback):
     def _fold_text(self, datamodule, rows: np.ndarray):
         """TF-IDF rows and has-title flags of store `rows`; the vectoriser is fitted once, on
         the training rows' titles."""
-        titles = store_titles(datamodule)
+        titles = titles_by_id(datamodule.source, datamodule.store.ids)
         if titles is None:
             raise ValueError(
                 "callbacks.matching_eval.text is set but the postings have no `title` column"

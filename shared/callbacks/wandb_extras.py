@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from shared.callbacks.embeddings import EmbeddingCallback
-from shared.summary import final_metric
 from shared.tracking.examples import nearest_examples
 from shared.tracking.loggers import find_logger
+from shared.train import final_metric
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class WandbExtrasCallback(EmbeddingCallback):
         examples: int = 16,
         top_k: int = 5,
         every_n_epochs: int = 1,
-        query_loader: int | None = None,
-        bank_loader: int | None = None,
+        query_loader: str | None = None,
+        bank_loader: str | None = None,
         seed: int = 0,
         config_file: str | None = None,
         promote: dict | None = None,
@@ -69,14 +69,13 @@ class WandbExtrasCallback(EmbeddingCallback):
     def _due(self, trainer) -> bool:
         return self.examples > 0 and self._logger(trainer) is not None and super()._due(trainer)
 
-    def _loaders(self, trainer) -> tuple[int, int | None]:
-        """(query loader, bank loader or None for a self-search) from the data module."""
+    def _loaders(self, names) -> tuple[str, str | None]:
+        """(query loader, bank loader or None for a self-search) among the loader `names`."""
         if self.query_loader is not None:
             return self.query_loader, self.bank_loader
-        names = tuple(getattr(trainer.datamodule, "VAL_LOADERS", ()))
         if "query" in names and "bank" in names:
-            return names.index("query"), names.index("bank")
-        return 0, None
+            return "query", "bank"
+        return next(iter(names)), None
 
     # ---- run start: config, dataset --------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -119,7 +118,7 @@ class WandbExtrasCallback(EmbeddingCallback):
             return {}
         import wandb
 
-        q, b = self._loaders(trainer)
+        q, b = self._loaders(data)
         if q not in data or (b is not None and b not in data):
             return {}
         examples = nearest_examples(
