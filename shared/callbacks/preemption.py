@@ -43,7 +43,10 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         handler = signal.getsignal(self.signum)
-        if not callable(handler) or threading.current_thread() is not threading.main_thread():
+        usable = callable(handler) and threading.current_thread() is threading.main_thread()
+        if trainer.world_size > 1:  # all ranks or none: the save is collective
+            usable = trainer.strategy.reduce_boolean_decision(usable, all=True)
+        if not usable:
             return  # no scheduler handler to defer (or signals cannot be caught here)
         self._scheduler_handler = handler
         signal.signal(self.signum, self._request)
