@@ -174,6 +174,8 @@ def test_added_titles_survive_a_restart(union_run, val_csv, tmp_path):
         body = c.post("/match", files=files, data={"title": title}).json()
         (result,) = body["results"]
         assert result["by_title"] and body["titles"]["mode"] == "union"
+        assert c.get("/health").json()["titles"] == body["titles"]
+        assert body["titles"]["text_threshold"] == again.settings.titles.text_threshold
         added = [m for m in result["matches"] if m["posting_id"] == "added"]
         assert added and added[0]["title"] == title
         assert added[0]["title_similarity"] == pytest.approx(1.0, abs=1e-5)
