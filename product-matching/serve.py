@@ -4,7 +4,8 @@ Loads a trained run (default: the newest under logs/product-matching/dolg/runs/)
 export, embeds the gallery (default: the run's own postings) into a FAISS index and serves
 
     GET  /                 a web page: upload an image, see its matches and their scores
-    POST /match            images -> matches above the run's threshold + top-k neighbours
+    POST /match            images (+ titles) -> matches by the run's threshold (or its
+                           title rule, for a run trained with titles) + top-k neighbours
     POST /gallery          add postings (images + ids / label groups / titles), no restart
     GET  /gallery/{id}/image, GET /health, GET /docs (OpenAPI: /openapi.json)
 

@@ -9,7 +9,9 @@ A pair where either posting has no title falls back to the image: its title sim 
 (union) or its score is the image sim alone (sum, concat).
 
 Every mode ends as (scores, idx) rows for `threshold_sweep` / `matches_from_threshold`, so
-evaluation, inference and the service apply the one threshold rule.
+evaluation, inference and the service apply the one threshold rule. The searches match a set
+against itself (evaluation, inference) or, with `queries` = (image, text, titled) of new
+postings, those against a gallery (the service; `ranked` orders their rows for its rule).
 """
 
 from __future__ import annotations
@@ -78,29 +80,38 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def exact_knn(
-    image: np.ndarray | None, text: sp.csr_matrix | None, titled: np.ndarray, weight: float, k: int
+    image: np.ndarray | None,
+    text: sp.csr_matrix | None,
+    titled: np.ndarray,
+    weight: float,
+    k: int,
+    queries: tuple | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of w * image sim + (1 - w) * title sim (image sim alone for a pair missing
-    a title; title sim alone, -inf without titles, when `image` is None). [N, k] each."""
-    n = len(titled)
-    k = min(int(k), n)
+    a title; title sim alone, -inf without titles, when `image` is None). Rows: `queries`
+    (default: the gallery itself). [Nq, k] each."""
+    q_image, q_text, q_titled = queries if queries is not None else (image, text, titled)
+    n = len(q_titled)
+    k = min(int(k), len(titled))
     sims, idx = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
     for lo in range(0, n, _CHUNK):
         rows = slice(lo, lo + _CHUNK)
-        both = titled[rows, None] & titled[None, :]
-        t = (text[rows] @ text.T).toarray() if text is not None else 0.0
+        both = q_titled[rows, None] & titled[None, :]
+        t = (q_text[rows] @ text.T).toarray() if text is not None else 0.0
         if image is None:
             s = np.where(both, t, -np.inf)
         else:
-            im = image[rows] @ image.T
+            im = q_image[rows] @ image.T
             s = np.where(both, weight * im + (1 - weight) * t, im) if text is not None else im
         sims[rows], idx[rows] = _top_k(s, k)
     return sims, idx
 
 
-def title_knn(text: sp.csr_matrix, titled: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def title_knn(
+    text: sp.csr_matrix, titled: np.ndarray, k: int, queries: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by title sim alone (-inf for pairs missing a title)."""
-    return exact_knn(None, text, titled, 0.0, k)
+    return exact_knn(None, text, titled, 0.0, k, queries)
 
 
 def _merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -115,14 +126,22 @@ def _merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def pair_sims(idx: np.ndarray, image: np.ndarray, text: sp.csr_matrix, titled: np.ndarray) -> Pairs:
-    """Exact image and title similarities of every (row, idx) pair."""
+def pair_sims(
+    idx: np.ndarray,
+    image: np.ndarray,
+    text: sp.csr_matrix,
+    titled: np.ndarray,
+    queries: tuple | None = None,
+) -> Pairs:
+    """Exact image and title similarities of every (row, idx) pair; rows are `queries`
+    (image, text, titled; default: the gallery itself)."""
+    q_image, q_text, q_titled = queries if queries is not None else (image, text, titled)
     safe = np.maximum(idx, 0)
-    img = np.einsum("nd,nkd->nk", image, image[safe]).astype(np.float32)
+    img = np.einsum("nd,nkd->nk", q_image, image[safe]).astype(np.float32)
     rows = np.repeat(np.arange(len(idx)), idx.shape[1])
-    txt = np.asarray(text[rows].multiply(text[safe.ravel()]).sum(axis=1), np.float32)
+    txt = np.asarray(q_text[rows].multiply(text[safe.ravel()]).sum(axis=1), np.float32)
     txt = txt.reshape(idx.shape)
-    both = titled[:, None] & titled[safe]
+    both = q_titled[:, None] & titled[safe]
     missing = idx < 0
     return Pairs(
         idx,
@@ -139,17 +158,22 @@ def candidate_pairs(
     k: int,
     image_knn: tuple[np.ndarray, np.ndarray] | None = None,
     text_knn: tuple[np.ndarray, np.ndarray] | None = None,
+    queries: tuple | None = None,
 ) -> Pairs:
     """The mode's candidates with both similarities. `image` rows unit-norm; `image_knn` /
-    `text_knn`: searches already made (image: `knn_search`; title: `title_knn`)."""
+    `text_knn`: searches already made (image: `knn_search`; title: `title_knn`); `queries`:
+    (image, text, titled) of postings outside the gallery (default: the gallery itself)."""
     if combo.mode == "concat":
-        _, idx = exact_knn(image, text, titled, float(combo.weight), k)
+        _, idx = exact_knn(image, text, titled, float(combo.weight), k, queries)
     else:
-        _, img_idx = image_knn if image_knn is not None else knn_search(image, image, k)
-        txt_sims, txt_idx = text_knn if text_knn is not None else title_knn(text, titled, k)
+        q_image = queries[0] if queries is not None else image
+        _, img_idx = image_knn if image_knn is not None else knn_search(q_image, image, k)
+        txt_sims, txt_idx = (
+            text_knn if text_knn is not None else title_knn(text, titled, k, queries)
+        )
         # A title neighbour shares at least one n-gram: the rest of the list is arbitrary.
         idx = _merged(img_idx, np.where(txt_sims > 0, txt_idx, -1))
-    return pair_sims(idx, image, text, titled)
+    return pair_sims(idx, image, text, titled, queries)
 
 
 def sweep_pairs(pairs: Pairs, labels, combo: TextCombination, thresholds, min2=None):
@@ -173,6 +197,21 @@ def combined_matches(
     return matches_from_threshold(
         pairs.scores(combo, text_threshold), pairs.idx, ids, threshold, min2=min2
     )
+
+
+def ranked(
+    pairs: Pairs, combo: TextCombination, text_threshold: float | None = None
+) -> tuple[np.ndarray, Pairs]:
+    """Each row's score under the mode's rule and its candidates, best first as
+    `threshold_sweep` orders them (stable: ties keep the candidate order; -inf, idx -1
+    where there is none). For queries outside the gallery, which have no row to leave out."""
+    s = np.where(pairs.idx >= 0, pairs.scores(combo, text_threshold), -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")
+
+    def take(x):
+        return np.take_along_axis(x, order, 1)
+
+    return take(s), Pairs(take(pairs.idx), take(pairs.image), take(pairs.text))
 
 
 def text_matching(

@@ -36,7 +36,7 @@ def loaded(matching_run, tmp_path_factory) -> Service:  # noqa: F811
 @pytest.fixture
 def service(loaded, tmp_path) -> Service:
     """A fresh gallery (the run's postings) and data_dir for one test."""
-    gallery = Gallery(loaded.gallery.dim, loaded.gallery.model_key)
+    gallery = Gallery(loaded.gallery.dim, loaded.gallery.model_key, titles=loaded.gallery.titles)
     gallery.add(loaded.gallery.embeddings(), loaded.gallery.postings())
     settings = replace(loaded.settings, data_dir=tmp_path / "serve_data")
     return Service(loaded.embedder, gallery, settings)

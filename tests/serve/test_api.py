@@ -70,6 +70,21 @@ def test_a_gallery_image_matches_its_own_posting_first(client, service):
         assert top["image_url"] == f"/gallery/{pid}/image"
 
 
+def test_an_image_only_run_ignores_titles(client, service):
+    """The tiny run was trained without titles: a title sent with the image changes
+    nothing (`by_title` false, `titles` null); one per file, as for POST /gallery."""
+    pid, blob = posting_file(service, 4)
+    title = service.gallery.get(pid).title
+    assert title and service.settings.titles is None
+    plain = client.post("/match", files=files(blob)).json()
+    titled = client.post("/match", files=files(blob), data={"title": title}).json()
+    assert titled == plain and plain["titles"] is None
+    assert not titled["results"][0]["by_title"]
+    r = client.post("/match", files=files(blob, blob), data={"title": title})
+    assert r.status_code == 422 and "title: 1 value(s) for 2 file(s)" in r.json()["detail"]
+    assert client.get("/health").json()["titles"] is None
+
+
 def neighbours(client, blob: bytes) -> list[tuple[str, float]]:
     body = client.post("/match", files=files(blob)).json()
     return [(n["posting_id"], n["similarity"]) for n in body["results"][0]["neighbours"]]

@@ -14,7 +14,10 @@ from matching.service.gallery import (
     Posting,
     select_matches,
 )
+from matching.service.titles import TitleRule, title_matches
+from shared.retrieval.combine import candidate_pairs, combined_matches
 from shared.retrieval.search import knn_search
+from shared.retrieval.text import TitleTfidf, has_title
 from shared.retrieval.threshold import matches_from_threshold
 
 
@@ -177,3 +180,36 @@ def test_concurrent_adds_and_searches_stay_consistent():
     stored = gallery.embeddings()
     for i, p in enumerate(gallery.postings()):
         np.testing.assert_allclose(stored[i], vectors[p.posting_id], atol=1e-6)
+
+
+WORDS = "acme zorq bottle jar tin red blue green promo ori murah kettle mug".split()
+
+
+@pytest.mark.parametrize("mode", ["union", "sum", "concat"])
+def test_title_matches_are_the_evaluations(mode):
+    """Each gallery posting queried with its own image and title: its matches under the
+    title rule (itself among them) are the evaluation's row for it (`combined_matches`
+    over the gallery searched against itself), in every mode; a title missing on either
+    side falls back to the image."""
+    rng = np.random.default_rng(7)
+    n, labels = 60, rng.integers(15, size=60)
+    centres = unit(rng, 15)
+    x = centres[labels] + 0.5 * unit(rng, n)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    titles = [
+        "" if i % 5 == 2 else f"{WORDS[labels[i] % 13]} {rng.choice(WORDS)} x{i % 7}"
+        for i in range(n)
+    ]
+    tfidf = TitleTfidf().fit(titles[::2])
+    rule = TitleRule(mode, 0.6, 0.55, 0.4 if mode == "union" else None, k=11)
+    gallery = Gallery(16, "key", titles=tfidf)
+    gallery.add(x, [Posting(f"p{i}", None, titles[i], "") for i in range(n)])
+
+    ids = [f"p{i}" for i in range(n)]
+    combo, text = rule.combination, tfidf.transform(titles)
+    pairs = candidate_pairs(combo, x, text, has_title(titles), 11)
+    expected = combined_matches(pairs, ids, combo, rule.threshold, rule.text_threshold)
+    got = title_matches(gallery, rule, x, titles, None)
+    assert [{h.posting.posting_id for h in row} for row in got] == [set(r) for r in expected]
+    by_title = [h for row in got for h in row if h.title_similarity is not None]
+    assert by_title and all(h.posting.title and h.title_similarity >= 0 for h in by_title)

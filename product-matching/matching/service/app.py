@@ -13,6 +13,9 @@ decode at once and a request that waits `queue_timeout_s` for a slot or for the 
 503 + Retry-After; a body not in within `body_timeout_s` gets 408. With `api_token` set,
 POST /gallery needs `Authorization: Bearer <token>` (401). Added images are written only
 under `data_dir/gallery_images/`, named by a generated id, never by anything the client sent.
+Titles: with a run trained on titles and images (`settings.titles`), an image sent to
+/match with a `title` is matched by the run's rule (`matching.service.titles`); without one,
+or with a run of images only (the title is then ignored: `by_title` false), by image alone.
 
 (No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, and
 they refer to `settings` of the enclosing `build_app`.)
@@ -49,7 +52,9 @@ from matching.service.images import (
 )
 from matching.service.limits import Admission, BodyTimeout, busy
 from matching.service.page import PAGE
+from matching.service.titles import TitleHit, TitleRule, title_matches
 from shared.data.sources import DEFAULT_BACKGROUND, check_background
+from shared.retrieval.text import has_title
 from shared.retrieval.threshold import MAX_NEIGHBOURS
 
 # Ids a client may choose for new postings: no separators, so never a path.
@@ -62,7 +67,7 @@ IMAGES_SUBDIR = "gallery_images"
 class Settings:
     """What the service enforces and reports; conf/serve.yaml holds the defaults."""
 
-    threshold: float  # similarity a gallery posting needs to be a match
+    threshold: float  # image similarity a gallery posting needs to be a match
     min2: float | None  # keep the nearest posting of a query left without matches if >= this
     top_k: int  # neighbours returned by default
     max_top_k: int  # largest `top_k` a request may ask for
@@ -82,6 +87,8 @@ class Settings:
     batch_window_ms: float = 0.0  # how long a batch waits for more queries (0: those queued)
     max_batch: int = 16  # images per forward pass; 1: no batching
     api_token: str | None = field(default=None, repr=False)  # POST /gallery needs it if set
+    # The run's title combination (None: images only): queries sent with a title use it.
+    titles: TitleRule | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
@@ -204,19 +211,24 @@ class PostingOut(BaseModel):
     posting_id: str
     label_group: str | None
     title: str | None
-    similarity: float
+    similarity: float  # image cosine
+    title_similarity: float | None = None  # of a match by the title rule (both have titles)
     image_url: str
 
 
 class QueryResult(BaseModel):
     file: str  # which upload: files[i] and its client filename
-    matches: list[PostingOut]  # similarity >= threshold (or the min2 rule), best first
-    neighbours: list[PostingOut]  # the top_k most similar postings, matched or not
+    # similarity >= threshold (or the min2 rule), best first; with by_title, the run's title
+    # rule at titles.threshold instead
+    matches: list[PostingOut]
+    neighbours: list[PostingOut]  # the top_k most similar images, matched or not
+    by_title: bool = False  # matched by the title rule (a title given, the run has one)
 
 
 class MatchResponse(BaseModel):
     threshold: float
     min2: float | None
+    titles: TitleRule | None  # the run's title combination, None: images only
     top_k: int
     gallery_size: int
     results: list[QueryResult]
@@ -246,6 +258,7 @@ class Health(BaseModel):
     max_decodes: int
     max_batch: int
     batch_window_ms: float
+    titles: TitleRule | None
     auth_required: bool  # POST /gallery needs `Authorization: Bearer <api_token>`
 
 
@@ -253,15 +266,31 @@ def image_url(posting_id: str) -> str:
     return f"/gallery/{quote(posting_id, safe='')}/image"
 
 
-def posting_out(hit: Hit) -> PostingOut:
+def posting_out(hit: Hit | TitleHit) -> PostingOut:
     p = hit.posting
+    title_sim = getattr(hit, "title_similarity", None)
     return PostingOut(
         posting_id=p.posting_id,
         label_group=p.label_group,
         title=p.title,
         similarity=round(hit.similarity, 6),
+        title_similarity=None if title_sim is None else round(title_sim, 6),
         image_url=image_url(p.posting_id),
     )
+
+
+def check_per_file(fields: dict[str, list[str] | None], n_files: int) -> None:
+    """422 unless each form field gives one value per file (or none), within its length."""
+    for key, values in fields.items():
+        if values is not None and len(values) != n_files:
+            raise HTTPException(
+                422,
+                f"{key}: {len(values)} value(s) for {n_files} file(s); give one per "
+                "file, in the same order, or none",
+            )
+        for value in values or ():
+            if key in MAX_TEXT and len(value) > MAX_TEXT[key]:
+                raise HTTPException(422, f"{key} is longer than {MAX_TEXT[key]} characters")
 
 
 def write_image(folder: Path, data: bytes, ext: str, written: list[Path]) -> Path:
@@ -398,28 +427,56 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
         top_k: Annotated[
             int | None, Query(ge=1, le=settings.max_top_k, description="neighbours per image")
         ] = None,
+        title: Annotated[
+            list[str] | None,
+            Form(description="one per file (empty: none); used when the run matches titles"),
+        ] = None,
     ) -> MatchResponse:
-        """Each image's matches (similarity >= threshold) and its top-k neighbours."""
+        """Each image's matches (similarity >= threshold, or the run's title rule for an
+        image sent with a title) and its top-k neighbours."""
+        check_per_file({"title": title}, len(files))
         images, names, _ = decode_all(files)
         k = top_k or settings.top_k
-        rows = gallery.search(embed(images), max(k, MAX_NEIGHBOURS))
+        queries = embed(images)
+        rows = gallery.search(queries, max(k, MAX_NEIGHBOURS))
+        by_title = titled_matches(queries, title)
         results = []
-        for name, hits in zip(names, rows):
-            chosen = select_matches([h.similarity for h in hits], settings.threshold, settings.min2)
+        for i, (name, hits) in enumerate(zip(names, rows)):
+            if i in by_title:
+                matches = by_title[i]
+            else:
+                sims = [h.similarity for h in hits]
+                matches = [hits[j] for j in select_matches(sims, settings.threshold, settings.min2)]
             results.append(
                 QueryResult(
                     file=name,
-                    matches=[posting_out(hits[i]) for i in chosen],
+                    matches=[posting_out(h) for h in matches],
                     neighbours=[posting_out(h) for h in hits[:k]],
+                    by_title=i in by_title,
                 )
             )
         return MatchResponse(
             threshold=settings.threshold,
             min2=settings.min2,
+            titles=settings.titles,
             top_k=k,
             gallery_size=len(gallery),
             results=results,
         )
+
+    def titled_matches(queries: np.ndarray, titles: list[str] | None) -> dict[int, list]:
+        """{query row: its matches by the run's title rule} for the queries sent with a
+        title; none when the run has no rule or no gallery posting has a title."""
+        rule = settings.titles
+        if rule is None or titles is None or not gallery.any_titled:
+            return {}
+        rows = np.flatnonzero(has_title(titles))
+        if not len(rows):
+            return {}
+        found = title_matches(
+            gallery, rule, queries[rows], [titles[i] for i in rows], settings.min2
+        )
+        return dict(zip(rows.tolist(), found))
 
     @app.post(
         "/gallery", response_model=AddResponse, status_code=201, dependencies=[Depends(check_token)]
@@ -435,16 +492,7 @@ def build_app(embedder: Embedder, gallery: Gallery, settings: Settings) -> FastA
     ) -> AddResponse:
         """Add postings to the index, searchable by the next request."""
         fields = {"posting_id": posting_id, "label_group": label_group, "title": title}
-        for key, values in fields.items():
-            if values is not None and len(values) != len(files):
-                raise HTTPException(
-                    422,
-                    f"{key}: {len(values)} value(s) for {len(files)} file(s); give one per "
-                    "file, in the same order, or none",
-                )
-            for value in values or ():
-                if key in MAX_TEXT and len(value) > MAX_TEXT[key]:
-                    raise HTTPException(422, f"{key} is longer than {MAX_TEXT[key]} characters")
+        check_per_file(fields, len(files))
         ids = [v.strip() for v in posting_id] if posting_id else [""] * len(files)
         for i, pid in enumerate(ids):
             if pid and not POSTING_ID.fullmatch(pid):

@@ -11,6 +11,11 @@ postings and vectors in one transaction, and only then added to the index: a pos
 durable before anyone can see it, and an addition that fails leaves nothing behind. The
 database is appended to, never rewritten, so an addition costs the same at any gallery size
 (bench/gallery_add.py); the index is rebuilt from it at start-up.
+
+A run trained with a title combination also gives the gallery its fitted TF-IDF (`titles`):
+each posting's title vector is kept in memory beside its image vector (made from the stored
+title, so nothing more is stored), and `title_pairs` finds a query's candidates and their
+similarities with the evaluation's own functions (`shared.retrieval.combine`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import scipy.sparse as sp
 
+from shared.retrieval.combine import Pairs, TextCombination, candidate_pairs
 from shared.retrieval.search import as_float32_matrix, l2_normalize
+from shared.retrieval.text import TitleTfidf, has_title
 from shared.retrieval.threshold import MAX_NEIGHBOURS
 
 SCHEMA_VERSION = 1
@@ -69,7 +77,7 @@ def select_matches(
     similarity is >= `min2`.
     """
     sims = np.asarray(sims, dtype=np.float64)[:max_neighbours]
-    chosen = np.flatnonzero(np.isfinite(sims) & (sims >= threshold))
+    chosen = np.flatnonzero(sims >= threshold)  # +inf: a title match of the union rule
     if not len(chosen) and min2 is not None and len(sims) and sims[0] >= min2:
         chosen = np.array([0])
     return chosen
@@ -233,22 +241,37 @@ class Gallery:
     """Postings and their L2-normalised embeddings, searchable by cosine similarity.
 
     `model_key` names the weights that produced the embeddings. With a `store`, additions
-    are committed to it before they become searchable (see the module docstring).
+    are committed to it before they become searchable (see the module docstring). With
+    `titles` (the run's fitted TF-IDF), postings' titles are searchable too.
     """
 
-    def __init__(self, dim: int, model_key: str, store: GalleryStore | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        model_key: str,
+        store: GalleryStore | None = None,
+        titles: TitleTfidf | None = None,
+    ) -> None:
         self._index = faiss.IndexFlatIP(int(dim))
         self._postings: list[Posting] = []
         self._rows: dict[str, int] = {}
-        self._lock = threading.Lock()  # the index and postings in memory
+        self._lock = threading.Lock()  # the index, postings and title vectors in memory
         self._write_lock = threading.Lock()  # additions, one at a time, commit included
         self.model_key = model_key
         self.store = store
+        self.titles = titles
+        # Title vectors per addition, stacked at the first title search after one (a search
+        # reads every row anyway), and whether each posting has a title.
+        self._text_blocks: list[sp.csr_matrix] = []
+        self._text: sp.csr_matrix | None = None
+        self._titled = np.zeros(0, dtype=bool)
 
     @classmethod
-    def from_store(cls, store: GalleryStore, dim: int, model_key: str) -> Gallery:
+    def from_store(
+        cls, store: GalleryStore, dim: int, model_key: str, titles: TitleTfidf | None = None
+    ) -> Gallery:
         """The gallery held by `store` (its rows in order), appending to it from now on."""
-        gallery = cls(dim, model_key, store)
+        gallery = cls(dim, model_key, store, titles)
         postings, x = store.rows(dim)
         gallery._append_in_memory(x, postings)
         return gallery
@@ -307,8 +330,15 @@ class Gallery:
                 raise
 
     def _append_in_memory(self, x: np.ndarray, postings: list[Posting]) -> int:
+        if self.titles is not None:
+            text = [p.title for p in postings]
+            vectors, titled = self.titles.transform(text), has_title(text)
         with self._lock:
             start = len(self._postings)
+            if self.titles is not None:
+                self._text_blocks.append(vectors)
+                self._text = None
+                self._titled = np.concatenate([self._titled, titled])
             self._index.add(x)
             self._postings.extend(postings)
             self._rows.update((p.posting_id, start + i) for i, p in enumerate(postings))
@@ -329,6 +359,37 @@ class Gallery:
                 [Hit(self._postings[j], float(s)) for s, j in zip(row_s, row_i) if j >= 0]
                 for row_s, row_i in zip(sims, idx)
             ]
+
+    @property
+    def any_titled(self) -> bool:
+        """Whether some posting has a title (and the gallery matches titles at all)."""
+        return self.titles is not None and bool(self._titled.any())
+
+    def title_pairs(
+        self, queries, titles: list[str | None], combo: TextCombination, k: int
+    ) -> tuple[Pairs, list[Posting]]:
+        """Each query's candidates under `combo` (its image and title top-k lists, or the
+        exact top-k of the weighted sum) with both similarities, as the evaluation finds
+        them, and the postings their indices name."""
+        if self.titles is None:
+            raise RuntimeError("this gallery has no title vectors (no TF-IDF was given)")
+        q = l2_normalize(as_float32_matrix(queries, "queries"))
+        q_side = (q, self.titles.transform(titles), has_title(titles))
+        with self._lock:
+            n = len(self._postings)
+            if n == 0:
+                raise ValueError("the gallery is empty: nothing to match titles against")
+            k = min(int(k), n)
+            if self._text is None:
+                self._text = sp.vstack(self._text_blocks, format="csr")
+                self._text_blocks = [self._text]
+            # The index's own rows, no copy: read only while the lock keeps additions out.
+            image = faiss.rev_swig_ptr(self._index.get_xb(), n * self.dim).reshape(n, self.dim)
+            image_knn = self._index.search(q, k) if combo.mode != "concat" else None
+            pairs = candidate_pairs(
+                combo, image, self._text, self._titled, k, image_knn, queries=q_side
+            )
+            return pairs, self._postings  # appended to only: its first n rows stay
 
     def embeddings(self) -> np.ndarray:
         """A copy of every stored embedding, row order = posting order."""

@@ -9,6 +9,10 @@ The gallery lives in `gallery_db` (SQLite, see `matching.service.gallery`): the 
 postings are embedded into it once, POST /gallery appends to it, and later starts read it
 back instead of embedding anything. It is tied to the weights by their content hash: a
 database of other weights is refused (or re-embedded from its images with `reembed=true`).
+
+A run trained with a title combination (`callbacks.matching_eval.text`) brings its rule and
+fitted TF-IDF (`matching.service.titles`); the postings' titles are already stored in
+`gallery_db` (and come from the run's source or the gallery CSV's `title` column).
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from matching.service.gallery import (
     GalleryStore,
     Posting,
 )
+from matching.service.titles import run_titles
 from shared.data.sources import DEFAULT_BACKGROUND
 from shared.retrieval.search import l2_normalize
+from shared.retrieval.text import TitleTfidf
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +192,19 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
         )
 
     background = service_background(cfg, run)
+    titles = run_titles(run, cfg.threshold) if run is not None else None
+    rule, tfidf = titles if titles is not None else (None, None)
+    if rule is not None:
+        log.info(
+            "Titles: the run's %s rule, threshold %.3f, title threshold %s (queries without "
+            "a title: image only at %.3f)",
+            rule.mode,
+            rule.threshold,
+            rule.text_threshold,
+            float(threshold),
+        )
     data_dir = Path(cfg.data_dir)
-    gallery = open_gallery(cfg, embedder, run, data_dir, background)
+    gallery = open_gallery(cfg, embedder, run, data_dir, background, tfidf)
     settings = Settings(
         threshold=float(threshold),
         min2=None if min2 is None else float(min2),
@@ -206,16 +223,23 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
         batch_window_ms=float(cfg.batch_window_ms),
         max_batch=int(cfg.max_batch),
         api_token=None if cfg.api_token is None else str(cfg.api_token),
+        titles=rule,
     )
     return Service(embedder, gallery, settings)
 
 
 def open_gallery(
-    cfg: DictConfig, embedder: Embedder, run, data_dir: Path, background=DEFAULT_BACKGROUND
+    cfg: DictConfig,
+    embedder: Embedder,
+    run,
+    data_dir: Path,
+    background=DEFAULT_BACKGROUND,
+    titles: TitleTfidf | None = None,
 ) -> Gallery:
     """The gallery of `gallery_db` (created and seeded on first use), orphan images of an
     interrupted addition removed; with gallery_db=null, one in memory only. Its key is the
-    weights' and the background's: both decide what an image embeds to."""
+    weights' and the background's: both decide what an image embeds to (titles are read
+    back as stored and vectorised by `titles`, the run's TF-IDF, at every start)."""
     key = f"{embedder.key}/background={'-'.join(map(str, background))}"
     stores = data_dir / "stores"
     if not cfg.gallery_db:
@@ -224,7 +248,7 @@ def open_gallery(
             "Embedding %d gallery postings (gallery_db=null: additions are not kept)", len(postings)
         )
         embeddings = embedder.embed_all(images)
-        gallery = Gallery(embeddings.shape[1], key)
+        gallery = Gallery(embeddings.shape[1], key, titles=titles)
         gallery.add(embeddings, postings)
         return gallery
     store = GalleryStore(cfg.gallery_db)
@@ -255,7 +279,7 @@ def open_gallery(
                     f"of a posting added to gallery_db={str(store.path)!r} ({exc}): rename "
                     "them in the CSV, or use another gallery_db"
                 ) from None
-        gallery = Gallery.from_store(store, int(store.meta()["dim"]), key)
+        gallery = Gallery.from_store(store, int(store.meta()["dim"]), key, titles)
     except BaseException:
         store.close()
         raise
