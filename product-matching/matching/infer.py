@@ -12,12 +12,12 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from shared.atomic import atomic_write
-from shared.callbacks.matching_eval import TFIDF_KEY
+from shared.callbacks.matching_eval import EMBEDDER_KEY, LEGACY_KEY
 from shared.data.sources import DEFAULT_BACKGROUND, CsvSource, check_background
 from shared.data.store import build_store
 from shared.retrieval.combine import TextCombination, candidate_pairs, combined_matches
 from shared.retrieval.search import knn_search
-from shared.retrieval.text import TitleTfidf, has_title, titles_by_id
+from shared.retrieval.text import embedder_from_state, has_title, titles_by_id
 from shared.retrieval.threshold import matches_from_threshold
 from shared.run_loading import load_run
 
@@ -85,6 +85,10 @@ def match_postings(
         threshold = run_threshold(run)
         if threshold is None:
             raise ValueError(f"{run.checkpoint} stores no threshold: pass one explicitly")
+    # Before any embedding: a title encoder whose folder is gone or changed is refused here.
+    text = run_text(run, next(run.module.parameters()).device)
+    if text is not None and explicit:  # --threshold overrides the combination's threshold
+        text = {**text, "threshold": threshold}
     source = CsvSource(
         str(csv_path),
         str(image_dir) if image_dir else None,
@@ -97,24 +101,24 @@ def match_postings(
     store = build_store(source, root, size, name="postings")
     embeddings = embed_store(run.module, store.images)
     titles = titles_by_id(source, store.ids)
-    text = run_text(run)
-    if text is not None and explicit:  # --threshold overrides the combination's threshold
-        text = {**text, "threshold": threshold}
     matches = match_embeddings(embeddings, store.ids, threshold, min2, k, titles, text)
     log.info("Matched %d postings at threshold %.3f", len(store.ids), threshold)
     return write_matches(out, store.ids, matches)
 
 
-def run_text(run) -> dict | None:
+def run_text(run, device="cpu") -> dict | None:
     """The run's title combination (`callbacks.matching_eval.text`) with its chosen
-    thresholds and fitted TF-IDF; None for an image-only run."""
+    thresholds and its title embedder (`embedder`: the fitted TF-IDF, or the encoder loaded
+    on `device` once its folder is checked); None for an image-only run."""
     text = run.chosen.get("text")
     if text is None:
         return None
     for key, state in run.callbacks_state.items():
-        if key.startswith("MatchingEvalCallback") and state.get(TFIDF_KEY) is not None:
-            return {**text, "tfidf": state[TFIDF_KEY]}
-    raise ValueError(f"{run.checkpoint} chose a title combination but holds no fitted TF-IDF")
+        if key.startswith("MatchingEvalCallback"):
+            embedder = state.get(EMBEDDER_KEY, state.get(LEGACY_KEY))
+            if embedder is not None:
+                return {**text, "embedder": embedder_from_state(embedder, device)}
+    raise ValueError(f"{run.checkpoint} chose a title combination but holds no title embedder")
 
 
 def match_embeddings(
@@ -127,6 +131,6 @@ def match_embeddings(
     if text is None or titles is None or not has_title(titles).any():
         return matches_from_threshold(sims, idx, ids, threshold, min2=min2)
     combo = TextCombination(text["mode"], text["weight"], tuple(text["text_thresholds"]))
-    vectors = TitleTfidf.from_state(text["tfidf"]).transform(titles)
+    vectors = text["embedder"].transform(titles)
     pairs = candidate_pairs(combo, embeddings, vectors, has_title(titles), k, (sims, idx))
     return combined_matches(pairs, ids, combo, text["threshold"], text["text_threshold"], min2)

@@ -13,12 +13,20 @@ from shared.callbacks.embeddings import EmbeddingCallback
 from shared.plots import plot_threshold_sweep
 from shared.retrieval.combine import TextCombination, text_matching
 from shared.retrieval.metrics import retrieval_metrics
-from shared.retrieval.text import TitleTfidf, has_title, titles_by_id
+from shared.retrieval.text import (
+    TitleEmbedder,
+    embedder_from_state,
+    has_title,
+    title_embedder,
+    titles_by_id,
+)
 from shared.retrieval.threshold import image_neighbours, threshold_sweep
 from shared.run_loading import CHOSEN
 
-# Where the callback state keeps the TF-IDF fitted on the training titles (infer reads it).
-TFIDF_KEY = "title_tfidf"
+# Where the callback state keeps the title embedder (infer reads it): the TF-IDF fitted on the
+# training titles, or an encoder's folder and hash. Runs made before encoders: LEGACY_KEY.
+EMBEDDER_KEY = "title_embedder"
+LEGACY_KEY = "title_tfidf"
 
 
 class MatchingEvalCallback(EmbeddingCallback):
@@ -47,9 +55,14 @@ class MatchingEvalCallback(EmbeddingCallback):
         text: dict | None = None,
     ) -> None:
         super().__init__(every_n_epochs)
-        # None: images only. Else titles join them (`shared.retrieval.combine`).
+        # None: images only. Else titles join them (`shared.retrieval.combine`), embedded by
+        # TF-IDF (encoder None) or the local model folder `encoder` names.
+        text = dict(text) if text is not None else None
+        self.encoder_path = text.pop("encoder", None) if text is not None else None
         self.text = None if text is None else TextCombination(**text)
-        self.encoder: TitleTfidf | None = None
+        self.embedder: TitleEmbedder | None = None
+        self.embedder_state: dict | None = None  # a checkpoint's, built at its first use
+        self._fold_vectors: tuple | None = None  # (rows, vectors, titled) of the last fold
         self.chosen_text: dict | None = None
         self.search = {"index": index, "nlist": nlist, "nprobe": nprobe,
                        "target_recall": target_recall}  # fmt: skip
@@ -88,7 +101,7 @@ class MatchingEvalCallback(EmbeddingCallback):
         if self.text is not None:
             if testing and self.chosen_text is None:
                 raise RuntimeError("test needs the title thresholds chosen on validation")
-            text, titled = self._fold_text(trainer.datamodule, fold["index"].numpy())
+            text, titled = self._fold_text(trainer, fold["index"].numpy())
             text_metrics, picked = text_matching(
                 searched, sims, idx, text, titled, labels, self.text, self.thresholds, self.k,
                 self.chosen_text if testing else None, self.min2,
@@ -106,24 +119,38 @@ class MatchingEvalCallback(EmbeddingCallback):
                 self._write(Path(self.plot_dir), result, trainer, metrics)
         return metrics
 
-    def _fold_text(self, datamodule, rows: np.ndarray):
-        """TF-IDF rows and has-title flags of store `rows`; the vectoriser is fitted once, on
-        the training rows' titles."""
+    def _fold_text(self, trainer, rows: np.ndarray):
+        """Title vectors and has-title flags of store `rows`; the embedder is made once (a
+        TF-IDF fitted on the training rows' titles; an encoder on the module's device)."""
+        datamodule = trainer.datamodule
         titles = titles_by_id(datamodule.source, datamodule.store.ids)
         if titles is None:
             raise ValueError(
                 "callbacks.matching_eval.text is set but the postings have no `title` column"
             )
-        if self.encoder is None:
-            self.encoder = TitleTfidf().fit([titles[i] for i in datamodule.train_indices])
+        if self._fold_vectors is not None and np.array_equal(self._fold_vectors[0], rows):
+            return self._fold_vectors[1:]  # the same fold, every epoch: embedded once
+        if self.embedder is None:
+            module = getattr(trainer, "lightning_module", None)
+            device = module.device if module is not None else "cpu"
+            if self.embedder_state is not None:
+                self.embedder = embedder_from_state(self.embedder_state, device)
+            else:
+                train = [titles[i] for i in datamodule.train_indices]
+                self.embedder = title_embedder(self.encoder_path, train, device)
         fold = [titles[i] for i in rows]
-        return self.encoder.transform(fold), has_title(fold)
+        self._fold_vectors = (rows.copy(), self.embedder.transform(fold), has_title(fold))
+        return self._fold_vectors[1:]
+
+    def _embedder_state(self) -> dict | None:
+        return self.embedder.state_dict() if self.embedder is not None else self.embedder_state
 
     def chosen(self) -> dict:
         """What inference needs, by name: the image threshold, and with titles the mode,
-        its thresholds (the fitted TF-IDF sits in the callback state, `TFIDF_KEY`)."""
+        its thresholds (the title embedder sits in the callback state, `EMBEDDER_KEY`)."""
         out = {"threshold": self.threshold}
-        if self.text is not None and self.chosen_text is not None and self.encoder is not None:
+        titles = self.text is not None and self.chosen_text is not None
+        if titles and self._embedder_state() is not None:
             out["text"] = {**asdict(self.text), **self.chosen_text}
         return out
 
@@ -141,8 +168,8 @@ class MatchingEvalCallback(EmbeddingCallback):
 
     def state_dict(self):
         state = {**self.chosen(), "history": self.history}
-        if self.encoder is not None:
-            state[TFIDF_KEY] = self.encoder.state_dict()
+        if self._embedder_state() is not None:
+            state[EMBEDDER_KEY] = self._embedder_state()
         return state
 
     def load_state_dict(self, state_dict):
@@ -150,7 +177,7 @@ class MatchingEvalCallback(EmbeddingCallback):
         text = state_dict.get("text")
         if text is not None:
             self.chosen_text = {k: text[k] for k in ("threshold", "text_threshold", "text_only")}
-        if state_dict.get(TFIDF_KEY) is not None:
-            self.encoder = TitleTfidf.from_state(state_dict[TFIDF_KEY])
+        self.embedder_state = state_dict.get(EMBEDDER_KEY, state_dict.get(LEGACY_KEY))
+        self.embedder, self._fold_vectors = None, None
         if not (self.restoring_for_test and self.history):
             self.history = list(state_dict.get("history", []))

@@ -12,6 +12,8 @@ Every mode ends as (scores, idx) rows for `threshold_sweep` / `matches_from_thre
 evaluation, inference and the service apply the one threshold rule. The searches match a set
 against itself (evaluation, inference) or, with `queries` = (image, text, titled) of new
 postings, those against a gallery (the service; `ranked` orders their rows for its rule).
+Title vectors are unit rows, sparse (TF-IDF) or dense (an encoder, `shared.retrieval.text`):
+`_title_sims` and `_pair_title_sims` are the only places that tell them apart.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared.retrieval.search import knn_search
 from shared.retrieval.threshold import matches_from_threshold, threshold_sweep
 
 MODES = ("union", "sum", "concat")
+Vectors = sp.csr_matrix | np.ndarray  # title vectors: unit rows, sparse or dense
 _CHUNK = 1024  # query rows per dense block of an exact search
 
 
@@ -72,6 +75,20 @@ class Pairs:
         return np.where(np.isfinite(self.text), w * self.image + (1 - w) * self.text, self.image)
 
 
+def _title_sims(q_text, text) -> np.ndarray:
+    """Dense [Nq, N] title cosines of unit rows, sparse or dense."""
+    sims = q_text @ text.T
+    return sims.toarray() if sp.issparse(sims) else np.asarray(sims)
+
+
+def _pair_title_sims(q_text, text, idx: np.ndarray) -> np.ndarray:
+    """[Nq, k] title cosine of each query row with gallery rows `idx` (all >= 0)."""
+    if not sp.issparse(q_text):
+        return np.einsum("nd,nkd->nk", q_text, text[idx])
+    rows = np.repeat(np.arange(len(idx)), idx.shape[1])
+    return np.asarray(q_text[rows].multiply(text[idx.ravel()]).sum(axis=1)).reshape(idx.shape)
+
+
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     s = np.take_along_axis(scores, part, 1)
@@ -81,7 +98,7 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def exact_knn(
     image: np.ndarray | None,
-    text: sp.csr_matrix | None,
+    text: Vectors | None,
     titled: np.ndarray,
     weight: float,
     k: int,
@@ -97,7 +114,7 @@ def exact_knn(
     for lo in range(0, n, _CHUNK):
         rows = slice(lo, lo + _CHUNK)
         both = q_titled[rows, None] & titled[None, :]
-        t = (q_text[rows] @ text.T).toarray() if text is not None else 0.0
+        t = _title_sims(q_text[rows], text) if text is not None else 0.0
         if image is None:
             s = np.where(both, t, -np.inf)
         else:
@@ -108,7 +125,7 @@ def exact_knn(
 
 
 def title_knn(
-    text: sp.csr_matrix, titled: np.ndarray, k: int, queries: tuple | None = None
+    text: Vectors, titled: np.ndarray, k: int, queries: tuple | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by title sim alone (-inf for pairs missing a title)."""
     return exact_knn(None, text, titled, 0.0, k, queries)
@@ -129,7 +146,7 @@ def _merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def pair_sims(
     idx: np.ndarray,
     image: np.ndarray,
-    text: sp.csr_matrix,
+    text: Vectors,
     titled: np.ndarray,
     queries: tuple | None = None,
 ) -> Pairs:
@@ -138,9 +155,7 @@ def pair_sims(
     q_image, q_text, q_titled = queries if queries is not None else (image, text, titled)
     safe = np.maximum(idx, 0)
     img = np.einsum("nd,nkd->nk", q_image, image[safe]).astype(np.float32)
-    rows = np.repeat(np.arange(len(idx)), idx.shape[1])
-    txt = np.asarray(q_text[rows].multiply(text[safe.ravel()]).sum(axis=1), np.float32)
-    txt = txt.reshape(idx.shape)
+    txt = _pair_title_sims(q_text, text, safe).astype(np.float32)
     both = q_titled[:, None] & titled[safe]
     missing = idx < 0
     return Pairs(
@@ -153,7 +168,7 @@ def pair_sims(
 def candidate_pairs(
     combo: TextCombination,
     image: np.ndarray,
-    text: sp.csr_matrix,
+    text: Vectors,
     titled: np.ndarray,
     k: int,
     image_knn: tuple[np.ndarray, np.ndarray] | None = None,
@@ -171,7 +186,8 @@ def candidate_pairs(
         txt_sims, txt_idx = (
             text_knn if text_knn is not None else title_knn(text, titled, k, queries)
         )
-        # A title neighbour shares at least one n-gram: the rest of the list is arbitrary.
+        # Title neighbours at sim <= 0 are left out (for TF-IDF: no shared n-gram, so
+        # their order in the list is arbitrary).
         idx = _merged(img_idx, np.where(txt_sims > 0, txt_idx, -1))
     return pair_sims(idx, image, text, titled, queries)
 

@@ -1,4 +1,8 @@
-"""Title embeddings that need no download: TF-IDF of word and character n-grams.
+"""Title embeddings: TF-IDF of word and character n-grams (the default, needs no model), or
+a local transformer named by path (`shared.retrieval.title_encoder`).
+
+Both are a `TitleEmbedder`: titles in, unit rows out (sparse for TF-IDF, dense for an
+encoder), a plain-value state a run keeps; `shared.retrieval.combine` takes either.
 
 Shopee titles are short, noisy and multilingual; word 1-2 grams catch shared words and
 character 3-5 grams (inside word boundaries) catch misspellings, abbreviations and glued
@@ -10,6 +14,7 @@ product of two rows is their cosine similarity.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,6 +36,40 @@ def titles_by_id(source, ids: Sequence[str]) -> list[str] | None:
 def has_title(titles: Sequence[str | None]) -> np.ndarray:
     """bool [N]: the posting has a title with something other than spaces."""
     return np.array([bool(t and str(t).strip()) for t in titles], dtype=bool)
+
+
+class TitleEmbedder(Protocol):
+    """Titles -> unit rows [N, D] (zero rows: no title), and the plain values that rebuild it."""
+
+    def transform(self, titles: Sequence[str | None]) -> sp.csr_matrix | np.ndarray: ...
+
+    def state_dict(self) -> dict: ...
+
+
+def title_embedder(encoder: str | None, train_titles: Sequence[str | None], device="cpu"):
+    """`callbacks.matching_eval.text.encoder`: None fits the TF-IDF on `train_titles`;
+    a path loads that local model folder (on `device`)."""
+    if encoder is None:
+        return TitleTfidf().fit(train_titles)
+    from shared.retrieval.title_encoder import TitleEncoder
+
+    return TitleEncoder(encoder, device)
+
+
+def embedder_from_state(state: dict, device="cpu") -> TitleEmbedder:
+    """The embedder a run kept (`state_dict`); a state without `kind` is a TF-IDF's."""
+    if state.get("kind", "tfidf") == "tfidf":
+        return TitleTfidf.from_state(state)
+    from shared.retrieval.title_encoder import TitleEncoder
+
+    return TitleEncoder.from_state(state, device)
+
+
+def stack_rows(blocks: Sequence[sp.csr_matrix | np.ndarray]) -> sp.csr_matrix | np.ndarray:
+    """Title vectors of several batches as one matrix, sparse or dense as they came."""
+    if sp.issparse(blocks[0]):
+        return sp.vstack(blocks, format="csr")
+    return np.vstack(blocks)
 
 
 class TitleTfidf:
@@ -78,7 +117,7 @@ class TitleTfidf:
 
     def state_dict(self) -> dict:
         """Plain values (str, int, float lists) that rebuild the fitted vectoriser."""
-        state = {"params": dict(self.params)}
+        state = {"kind": "tfidf", "params": dict(self.params)}
         for name, v in self.parts.items():
             state[name] = {
                 "vocabulary": {k: int(i) for k, i in v.vocabulary_.items()},

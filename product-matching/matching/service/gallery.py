@@ -12,7 +12,7 @@ durable before anyone can see it, and an addition that fails leaves nothing behi
 database is appended to, never rewritten, so an addition costs the same at any gallery size
 (bench/gallery_add.py); the index is rebuilt from it at start-up.
 
-A run trained with a title combination also gives the gallery its fitted TF-IDF (`titles`):
+A run trained with a title combination also gives the gallery its title embedder (`titles`):
 each posting's title vector is kept in memory beside its image vector (made from the stored
 title, so nothing more is stored), and `title_pairs` finds a query's candidates and their
 similarities with the evaluation's own functions (`shared.retrieval.combine`).
@@ -30,11 +30,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import scipy.sparse as sp
 
-from shared.retrieval.combine import Pairs, TextCombination, candidate_pairs
+from shared.retrieval.combine import Pairs, TextCombination, Vectors, candidate_pairs
 from shared.retrieval.search import as_float32_matrix, l2_normalize
-from shared.retrieval.text import TitleTfidf, has_title
+from shared.retrieval.text import TitleEmbedder, has_title, stack_rows
 from shared.retrieval.threshold import MAX_NEIGHBOURS
 
 SCHEMA_VERSION = 1
@@ -242,7 +241,7 @@ class Gallery:
 
     `model_key` names the weights that produced the embeddings. With a `store`, additions
     are committed to it before they become searchable (see the module docstring). With
-    `titles` (the run's fitted TF-IDF), postings' titles are searchable too.
+    `titles` (the run's title embedder), postings' titles are searchable too.
     """
 
     def __init__(
@@ -250,7 +249,7 @@ class Gallery:
         dim: int,
         model_key: str,
         store: GalleryStore | None = None,
-        titles: TitleTfidf | None = None,
+        titles: TitleEmbedder | None = None,
     ) -> None:
         self._index = faiss.IndexFlatIP(int(dim))
         self._postings: list[Posting] = []
@@ -262,13 +261,13 @@ class Gallery:
         self.titles = titles
         # Title vectors per addition, stacked at the first title search after one (a search
         # reads every row anyway), and whether each posting has a title.
-        self._text_blocks: list[sp.csr_matrix] = []
-        self._text: sp.csr_matrix | None = None
+        self._text_blocks: list[Vectors] = []
+        self._text: Vectors | None = None
         self._titled = np.zeros(0, dtype=bool)
 
     @classmethod
     def from_store(
-        cls, store: GalleryStore, dim: int, model_key: str, titles: TitleTfidf | None = None
+        cls, store: GalleryStore, dim: int, model_key: str, titles: TitleEmbedder | None = None
     ) -> Gallery:
         """The gallery held by `store` (its rows in order), appending to it from now on."""
         gallery = cls(dim, model_key, store, titles)
@@ -372,7 +371,7 @@ class Gallery:
         exact top-k of the weighted sum) with both similarities, as the evaluation finds
         them, and the postings their indices name."""
         if self.titles is None:
-            raise RuntimeError("this gallery has no title vectors (no TF-IDF was given)")
+            raise RuntimeError("this gallery has no title vectors (no title embedder was given)")
         q = l2_normalize(as_float32_matrix(queries, "queries"))
         q_side = (q, self.titles.transform(titles), has_title(titles))
         with self._lock:
@@ -381,7 +380,7 @@ class Gallery:
                 raise ValueError("the gallery is empty: nothing to match titles against")
             k = min(int(k), n)
             if self._text is None:
-                self._text = sp.vstack(self._text_blocks, format="csr")
+                self._text = stack_rows(self._text_blocks)
                 self._text_blocks = [self._text]
             # The index's own rows, no copy: read only while the lock keeps additions out.
             image = faiss.rev_swig_ptr(self._index.get_xb(), n * self.dim).reshape(n, self.dim)

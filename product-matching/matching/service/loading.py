@@ -11,7 +11,7 @@ back instead of embedding anything. It is tied to the weights by their content h
 database of other weights is refused (or re-embedded from its images with `reembed=true`).
 
 A run trained with a title combination (`callbacks.matching_eval.text`) brings its rule and
-fitted TF-IDF (`matching.service.titles`); the postings' titles are already stored in
+title embedder (`matching.service.titles`); the postings' titles are already stored in
 `gallery_db` (and come from the run's source or the gallery CSV's `title` column).
 """
 
@@ -39,7 +39,7 @@ from matching.service.gallery import (
 from matching.service.titles import run_titles
 from shared.data.sources import DEFAULT_BACKGROUND
 from shared.retrieval.search import l2_normalize
-from shared.retrieval.text import TitleTfidf
+from shared.retrieval.text import TitleEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
 
     background = service_background(cfg, run)
     titles = run_titles(run, cfg.threshold) if run is not None else None
-    rule, tfidf = titles if titles is not None else (None, None)
+    rule, title_embedder = titles if titles is not None else (None, None)
     if rule is not None:
         log.info(
             "Titles: the run's %s rule, threshold %.3f, title threshold %s (queries without "
@@ -204,7 +204,7 @@ def build_service(cfg: DictConfig, embedder: Embedder, run=None) -> Service:
             float(threshold),
         )
     data_dir = Path(cfg.data_dir)
-    gallery = open_gallery(cfg, embedder, run, data_dir, background, tfidf)
+    gallery = open_gallery(cfg, embedder, run, data_dir, background, title_embedder)
     settings = Settings(
         threshold=float(threshold),
         min2=None if min2 is None else float(min2),
@@ -234,12 +234,12 @@ def open_gallery(
     run,
     data_dir: Path,
     background=DEFAULT_BACKGROUND,
-    titles: TitleTfidf | None = None,
+    titles: TitleEmbedder | None = None,
 ) -> Gallery:
     """The gallery of `gallery_db` (created and seeded on first use), orphan images of an
     interrupted addition removed; with gallery_db=null, one in memory only. Its key is the
     weights' and the background's: both decide what an image embeds to (titles are read
-    back as stored and vectorised by `titles`, the run's TF-IDF, at every start)."""
+    back as stored and vectorised by `titles`, the run's title embedder, at every start)."""
     key = f"{embedder.key}/background={'-'.join(map(str, background))}"
     stores = data_dir / "stores"
     if not cfg.gallery_db:

@@ -1,7 +1,8 @@
 """The run's title combination as the service applies it.
 
 A run trained with `callbacks.matching_eval.text` stores its mode, the thresholds chosen on
-validation and the fitted TF-IDF (`matching.infer.run_text`). A query that comes with a
+validation and its title embedder (`matching.infer.run_text`: the fitted TF-IDF or a local
+encoder). A query that comes with a
 title is matched by that rule: candidates, similarities and scores from
 `shared.retrieval.combine` (the evaluation's and infer.py's functions), the threshold rule
 of `select_matches`. A query without a title, or a gallery without any, is matched by image
@@ -17,12 +18,12 @@ from omegaconf import OmegaConf
 
 from matching.service.gallery import Gallery, Posting, select_matches
 from shared.retrieval.combine import TextCombination, ranked
-from shared.retrieval.text import TitleTfidf
+from shared.retrieval.text import TitleEmbedder
 
 
 @dataclass(frozen=True)
 class TitleRule:
-    """Plain values of the combination (the fitted TF-IDF lives in the gallery)."""
+    """Plain values of the combination (the title embedder lives in the gallery)."""
 
     mode: str  # union | sum | concat (`shared.retrieval.combine`)
     weight: float  # the image's share of the score in sum / concat
@@ -42,8 +43,8 @@ class TitleHit:
     title_similarity: float | None  # title cosine; None where either side has no title
 
 
-def run_titles(run, threshold: float | None = None) -> tuple[TitleRule, TitleTfidf] | None:
-    """The rule and fitted TF-IDF of `run` (None: it was trained on images only). An
+def run_titles(run, threshold: float | None = None) -> tuple[TitleRule, TitleEmbedder] | None:
+    """The rule and title embedder of `run` (None: it was trained on images only). An
     explicit `threshold` replaces the combination's, as infer.py's --threshold does."""
     from matching.infer import run_text
 
@@ -61,7 +62,7 @@ def run_titles(run, threshold: float | None = None) -> tuple[TitleRule, TitleTfi
         text_threshold=None if tt is None else float(tt),
         k=int(k),
     )
-    return rule, TitleTfidf.from_state(text["tfidf"])
+    return rule, text["embedder"]
 
 
 def title_matches(
