@@ -37,8 +37,26 @@ def _row_f1(matches, ids, labels):
     return float(np.mean(f1))
 
 
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    from tests.text_encoders import tiny_bert
+
+    return str(tiny_bert(tmp_path_factory.mktemp("tiny_bert") / "model"))
+
+
 @pytest.mark.parametrize("mode", ["union", "sum", "concat"])
 def test_infer_matches_are_the_evaluations(mode):
+    _check_infer_matches_the_evaluation({"mode": mode, "weight": 0.6})
+
+
+@pytest.mark.slow  # imports transformers (~8 s on 2 cores)
+@pytest.mark.parametrize("mode", ["union", "sum", "concat"])
+def test_with_a_title_encoder_infer_matches_are_the_evaluations(mode, encoder_dir):
+    """The same with titles embedded by a local model folder (`text.encoder`)."""
+    _check_infer_matches_the_evaluation({"mode": mode, "weight": 0.6, "encoder": encoder_dir})
+
+
+def _check_infer_matches_the_evaluation(text: dict):
     emb, labels, titles = _postings()
     n = len(labels)
     ids = [f"p{i}" for i in range(n)]
@@ -51,7 +69,7 @@ def test_infer_matches_are_the_evaluations(mode):
     trainer = SimpleNamespace(
         datamodule=dm, testing=False, sanity_checking=False, is_global_zero=True
     )
-    callback = MatchingEvalCallback(k=11, text={"mode": mode, "weight": 0.6})
+    callback = MatchingEvalCallback(k=11, text=text)
     fold = {
         "embeddings": torch.from_numpy(emb[val]),
         "labels": torch.from_numpy(labels[val]),

@@ -40,13 +40,16 @@ def union_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val_csv(union_run, tmp_path_factory) -> Path:
+    return fold_csv(union_run.run_dir, tmp_path_factory.mktemp("val_fold") / "val.csv")
+
+
+def fold_csv(run_dir, path: Path) -> Path:
     """The run's validation fold as a postings CSV (absolute image paths, titles, groups):
     the postings its evaluation chose the thresholds on."""
-    dm = load_run(union_run.run_dir).datamodule
+    dm = load_run(run_dir).datamodule
     dm.setup()
     source = dm.source
     row_of = {pid: i for i, pid in enumerate(source.ids)}
-    path = tmp_path_factory.mktemp("val_fold") / "val.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["posting_id", "image", "title", "label_group"])
@@ -96,6 +99,10 @@ def test_union_matches_are_infers_and_the_evaluations(union_run, val_csv, tmp_pa
     service = served(union_run.run_dir, val_csv, tmp_path)
     rule = service.settings.titles
     assert rule is not None and rule.mode == "union" and rule.text_threshold is not None
+    check_served_infer_and_evaluation(union_run.run_dir, service, val_csv, tmp_path)
+
+
+def check_served_infer_and_evaluation(run_dir, service, val_csv, tmp_path):
     postings = val_postings(val_csv)
     with TestClient(build_app(service.embedder, service.gallery, service.settings)) as c:
         got = {}
@@ -103,16 +110,16 @@ def test_union_matches_are_infers_and_the_evaluations(union_run, val_csv, tmp_pa
             result = answer(c, p, p["title"])
             assert result["by_title"] == bool(p["title"].strip())
             got[p["posting_id"]] = {m["posting_id"] for m in result["matches"]}
-    out = match_postings(union_run.run_dir, val_csv, tmp_path / "matches.csv",
+    out = match_postings(run_dir, val_csv, tmp_path / "matches.csv",
                          store_root=tmp_path / "stores")  # fmt: skip
     assert got == {pid: set(row) for pid, row in read_matches(out).items()}
 
-    results = json.loads((Path(union_run.run_dir) / "results.json").read_text())
+    results = json.loads((Path(run_dir) / "results.json").read_text())
     logged_f1 = results["optimized_metric"]["val/f1"]
     label_of = {p["posting_id"]: p["label_group"] for p in postings}
     assert row_f1(got, label_of) == pytest.approx(logged_f1, abs=1e-6)
     # The titles matter here: image alone at the image threshold scores otherwise.
-    image_f1 = results_metric(union_run.run_dir, "val/f1_image")
+    image_f1 = results_metric(run_dir, "val/f1_image")
     assert image_f1 != pytest.approx(logged_f1)
 
 
@@ -182,3 +189,36 @@ def test_added_titles_survive_a_restart(union_run, val_csv, tmp_path):
         body = c.post("/match", files=files).json()  # without the title: by image
         assert not body["results"][0]["by_title"]
     again.gallery.close()
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory):
+    """The tiny run with titles embedded by a tiny random BERT folder (`text.encoder`)."""
+    from tests.text_encoders import tiny_bert
+
+    folder = tiny_bert(tmp_path_factory.mktemp("tiny_bert") / "model")
+    text = f"callbacks.matching_eval.text={{mode:sum,weight:0.5,encoder:'{folder}'}}"
+    overrides = [*TINY_MATCHING, "data.n_folds=3", text]
+    return tiny_run(tmp_path_factory, "matching_encoder", "matching", overrides), folder
+
+
+def test_with_a_title_encoder_serve_and_infer_give_the_evaluations_matches(encoder_run, tmp_path):
+    """A run whose titles a local model folder embeds: the service and infer.py match the
+    validation fold as its evaluation did; once the folder changes, both refuse it."""
+    run, folder = encoder_run
+    state = next(
+        s["title_embedder"] for k, s in load_run(run.run_dir).callbacks_state.items()
+        if k.startswith("MatchingEvalCallback")
+    )  # fmt: skip
+    assert state["kind"] == "encoder" and state["path"] == str(folder.resolve())
+    val = fold_csv(run.run_dir, tmp_path / "val.csv")
+    service = served(run.run_dir, val, tmp_path / "serve")
+    assert service.settings.titles.mode == "sum"
+    check_served_infer_and_evaluation(run.run_dir, service, val, tmp_path)
+    service.gallery.close()
+
+    (folder / "vocab.txt").write_text((folder / "vocab.txt").read_text() + "extra\n")
+    with pytest.raises(ValueError, match=f"encoder='{folder.resolve()}'.*changed"):
+        match_postings(run.run_dir, val, tmp_path / "again.csv", store_root=tmp_path / "s")
+    with pytest.raises(ValueError, match=f"encoder='{folder.resolve()}'.*changed"):
+        served(run.run_dir, val, tmp_path / "serve2")
