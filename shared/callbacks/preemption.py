@@ -3,11 +3,14 @@
 Under SLURM, submitit catches the warning signal (USR2, `signal_delay_s` before the limit) and
 requeues the job, which resumes from `last.ckpt`. Alone, that loses everything since the last
 validation. This callback puts itself in front of submitit's handler while training runs: the
-signal only marks a request; at the end of the current training step (or of the epoch, when it
-comes during the last step or the epoch-end validation) every rank saves `last.ckpt` together
-and then the scheduler's handler runs (submitit requeues and exits). With the train loader's
-position in the checkpoint (`shared.data.resumable`), the requeued job continues the same epoch
-from the next batch: a preemption costs the current step.
+signal only marks a request; at the end of the current training step every rank saves
+`last.ckpt` together and then the scheduler's handler runs (submitit requeues and exits). With
+the train loader's position in the checkpoint (`shared.data.resumable`), the requeued job
+continues the same epoch from the next batch: a preemption costs the current step. A signal
+during an epoch's last step or its validation is acted on after the next epoch's first step:
+Lightning resumes a checkpoint taken at the last step, or at the epoch's end after its
+validation, as a finished epoch without replaying exactly (the next epoch's data order and
+generators differ).
 
 Nothing changes where no handler is installed for the signal (not under a scheduler), nor
 outside training: there the scheduler's handler gets the signal at once, as before.
@@ -56,12 +59,8 @@ class PreemptionCheckpoint(Callback):
         self._requested = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # the epoch's last step is followed by its validation: save after that, at epoch end
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_and_hand_over(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save_and_hand_over(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         handler, self._scheduler_handler = self._scheduler_handler, None

@@ -67,9 +67,11 @@ PIPELINES = {  # small batches: a few per epoch
 }
 
 
-@pytest.mark.parametrize("pipeline", ["ssl", "matching"])
+@pytest.mark.parametrize(
+    "pipeline, when", [("ssl", "mid-epoch"), ("matching", "mid-epoch"), ("ssl", "last step")]
+)
 def test_preempted_mid_epoch_resumes_the_same_epoch_bit_for_bit(
-    tmp_path, scheduler_handler, pipeline
+    tmp_path, scheduler_handler, pipeline, when
 ):
     config, tiny = PIPELINES[pipeline]
     overrides = [
@@ -88,7 +90,10 @@ def test_preempted_mid_epoch_resumes_the_same_epoch_bit_for_bit(
     reference, reference_last = run("reference")
     per_epoch = torch.load(reference_last, weights_only=True)["global_step"] // EPOCHS
     assert per_epoch >= 3
-    step = per_epoch + 1  # the signal comes during epoch 1's second step
+    if when == "mid-epoch":  # during epoch 1's second step: saved at its end
+        step, saved_at = per_epoch + 1, per_epoch + 2
+    else:  # during epoch 0's last step: saved after epoch 1's first (see PreemptionCheckpoint)
+        step, saved_at = per_epoch - 1, per_epoch + 1
 
     last = tmp_path / "preempted" / "run" / "checkpoints" / "last.ckpt"
     scheduler = Scheduler(last)
@@ -100,7 +105,7 @@ def test_preempted_mid_epoch_resumes_the_same_epoch_bit_for_bit(
     with pytest.raises(SystemExit):
         run("preempted", *trigger)
     # saved at the end of the signalled step, before the scheduler's handler ran, mid-epoch
-    assert scheduler.calls == [(preemption_signal(), step + 1)]
+    assert scheduler.calls == [(preemption_signal(), saved_at)]
 
     resumed, resumed_last = run("preempted")  # the requeued job: same command, same folder
     assert resumed == reference
