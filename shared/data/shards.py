@@ -23,10 +23,12 @@ store's (`build_keyed`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +188,6 @@ def build_shard_store(
     path: str | Path | None = None,
     chunk_bytes: str = "64MB",
     workers: int | None = None,
-    progress: bool = True,
     start_method: str | None = None,
 ) -> ShardStore:
     """Open the shard store for (source, shorter side, format), building it first if needed;
@@ -205,7 +206,7 @@ def build_shard_store(
 
     def write(tmp: Path) -> None:
         encode = _EncodeRows(source, shorter_side, fmt, quality)
-        stored = _optimize(encode, tmp, chunk_bytes, workers, progress, start_method)
+        stored = _optimize(encode, tmp, chunk_bytes, workers, start_method)
         order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
         rows = [stored[i] for i in order]
         meta = {
@@ -288,7 +289,7 @@ class _EncodeRows:
         return buffer.getvalue()
 
 
-def _optimize(encode, tmp, chunk_bytes, workers, progress, start_method):
+def _optimize(encode, tmp, chunk_bytes, workers, start_method):
     """Write the chunks into `tmp` with litdata; the source rows they hold, in order.
 
     By default worker processes are spawned: a forked child of a process whose OpenMP pool
@@ -298,20 +299,21 @@ def _optimize(encode, tmp, chunk_bytes, workers, progress, start_method):
     source = encode.source
     n = len(source)
     tasks = [list(range(i, min(n, i + ROWS_PER_TASK))) for i in range(0, n, ROWS_PER_TASK)]
-    log.info("Building shard store %s (%d images)", tmp.name, n)
-    litdata.optimize(
-        fn=encode,
-        inputs=tasks,
-        output_dir=str(tmp),
-        chunk_bytes=chunk_bytes,
-        num_workers=min(workers or _cpus(), len(tasks)),
-        # False: no per-worker helper processes, which a failed build would leave orphaned;
-        # the order samples land in is read back instead (`_stored_rows`).
-        keep_data_ordered=False,
-        reorder_files=False,
-        verbose=progress,
-        start_method=start_method,
-    )
+    log.info("Encoding %d images into litdata shards in %s", n, tmp)
+    with _rng_kept():
+        litdata.optimize(
+            fn=encode,
+            inputs=tasks,
+            output_dir=str(tmp),
+            chunk_bytes=chunk_bytes,
+            num_workers=min(workers or _cpus(), len(tasks)),
+            # False: no per-worker helper processes, which a failed build would leave orphaned;
+            # the order samples land in is read back instead (`_stored_rows`).
+            keep_data_ordered=False,
+            reorder_files=False,
+            verbose=False,  # its progress lines advertise a cloud service; ours are logged
+            start_method=start_method,
+        )
     rows = _stored_rows(tmp)
     bad = sorted(set(range(n)) - set(rows))
     if bad:
@@ -321,6 +323,20 @@ def _optimize(encode, tmp, chunk_bytes, workers, progress, start_method):
             raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
         log.warning("Skipped %d corrupt image(s), e.g. %s", len(bad), bad[:5])
     return rows
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Restore Python's, numpy's and torch's global RNGs afterwards: litdata's optimize
+    seeds them all with 42, which would make a run's training depend on the store kind."""
+    states = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def _cpus() -> int:

@@ -29,7 +29,7 @@ SYNTH = dict(num_families=3, groups_per_family=2, min_instances=2, max_instances
 
 
 def _shards(source, root, **kw) -> ShardStore:
-    kw = {"image_size": S, "workers": 1, "progress": False, "start_method": "fork", **kw}
+    kw = {"image_size": S, "workers": 1, "start_method": "fork", **kw}
     return build_shard_store(source, root, **kw)
 
 
@@ -315,3 +315,15 @@ def _metric_rows(path) -> list[dict]:
 
     with open(path) as f:
         return [{k: v for k, v in row.items() if "time" not in k} for row in csv.DictReader(f)]
+
+
+def test_a_build_leaves_the_global_random_states_as_they_were(synthetic, tmp_path):
+    """litdata's optimize seeds Python's, numpy's and torch's RNGs with 42; a run's training
+    must not depend on whether its store was just built."""
+    import random
+
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    _shards(synthetic[1], tmp_path, fmt="png")
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
