@@ -327,3 +327,14 @@ def test_a_build_leaves_the_global_random_states_as_they_were(synthetic, tmp_pat
     _shards(synthetic[1], tmp_path, fmt="png")
     assert torch.equal(torch.get_rng_state(), before[0])
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+
+
+def test_webp_shards_are_lossless(synthetic, tmp_path):
+    from PIL import features
+
+    if not features.check("webp"):
+        pytest.skip("this Pillow has no WebP")
+    store = _shards(synthetic[1], tmp_path, fmt="webp")
+    assert torch.equal(store.images[:], synthetic[2].images[:])
+    with Image.open(io.BytesIO(_sample(store, 0)["image"])) as img:
+        assert img.format == "WEBP"
