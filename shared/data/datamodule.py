@@ -18,11 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from shared.config import require_int
 from shared.data.resumable import ResumableDistributedSampler, ResumableLoader, ShuffleSampler
 from shared.data.samplers import MPerClassSampler, check_m_per_class
+from shared.data.shards import ShardStore, build_shard_store, check_shard_settings
 from shared.data.store import ImageStore, build_store
+
+# memmap: raw pixels, fastest reads; shards: encoded litdata chunks, for data beyond one disk.
+STORE_KINDS = ("memmap", "shards")
 
 
 class StoreDataset(Dataset):
-    """Rows `indices` of a store; `__getitems__` fetches a whole batch in one memmap gather."""
+    """Rows `indices` of a store; `__getitems__` fetches a whole batch in one memmap gather
+    (or, from a shard store, decodes it where it is fetched: in the loader worker)."""
 
     def __init__(self, store: ImageStore, indices: np.ndarray) -> None:
         self.store = store
@@ -184,8 +189,18 @@ class StoreDataModule(LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool = True,
         m_per_class: int | None = None,
+        store_kind: str = "memmap",
+        shard_shorter_side: int | None = None,
+        shard_format: str = "jpeg",
+        shard_quality: int = 90,
+        shard_chunk_bytes: str = "64MB",
+        shard_workers: int | None = None,
     ) -> None:
         super().__init__()
+        if store_kind not in STORE_KINDS:
+            raise ValueError(f"data.store_kind={store_kind!r} is not one of {STORE_KINDS}")
+        if store_kind == "shards":
+            check_shard_settings(image_size, shard_shorter_side, shard_format, shard_quality)
         require_int("data.image_size", image_size, 1)
         require_int("data.batch_size", batch_size, 1)
         require_int("data.eval_batch_size", eval_batch_size, 1)
@@ -200,7 +215,12 @@ class StoreDataModule(LightningDataModule):
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.store_name, self.store_path = store_name, store_path
         self.m_per_class = m_per_class
-        self.store: ImageStore | None = None
+        self.store_kind = store_kind
+        self.shards = dict(
+            shorter_side=shard_shorter_side, fmt=shard_format, quality=shard_quality,
+            chunk_bytes=shard_chunk_bytes, workers=shard_workers,
+        )  # fmt: skip
+        self.store: ImageStore | ShardStore | None = None
         self.train_indices = self.val_indices = self.test_indices = None
         self.train_batch_transform = None
 
@@ -211,7 +231,16 @@ class StoreDataModule(LightningDataModule):
         """
         self.train_batch_transform = transform
 
-    def _build(self) -> ImageStore:
+    def _build(self) -> ImageStore | ShardStore:
+        if self.store_kind == "shards":
+            return build_shard_store(
+                self.source,
+                self.store_root,
+                self.image_size,
+                name=self.store_name,
+                path=self.store_path,
+                **self.shards,
+            )
         return build_store(
             self.source,
             self.store_root,

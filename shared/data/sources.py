@@ -67,14 +67,31 @@ def decode_image(
     formats: tuple[str, ...] | None = None,
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
 ) -> np.ndarray:
-    """Decode, turn upright (EXIF orientation), composite transparency on `background`,
-    resize the shorter side to `size` (bicubic), centre-crop: HxWx3 uint8.
+    """Decode (`decode_whole`: upright, transparency on `background`, shorter side `size`),
+    then centre-crop: HxWx3 uint8 with H = W = `size`.
 
-    A JPEG much larger than `size` is decoded at a reduced DCT scale (1/2, 1/4, 1/8), never
-    below `size`: several times faster, and the resize that follows hides the difference.
     `path` is a file path or a binary file object; `formats` limits the PIL decoders tried
     (None: any format PIL knows). Store builds, inference and the service all decode here,
     so one image gets the same pixels on every path."""
+    img = decode_whole(path, size, formats, background)
+    nw, nh = img.size
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on views
+
+
+def decode_whole(
+    path,
+    size: int,
+    formats: tuple[str, ...] | None = None,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+):
+    """Decode, turn upright (EXIF orientation), composite transparency on `background`,
+    resize the shorter side to `size` (bicubic), aspect kept: an RGB PIL image.
+
+    A JPEG much larger than `size` is decoded at a reduced DCT scale (1/2, 1/4, 1/8), never
+    below `size`: several times faster, and the resize that follows hides the difference.
+    The shard store keeps images this way (whole, at their own aspect)."""
     from PIL import Image
 
     with Image.open(path, formats=formats) as img:
@@ -84,13 +101,10 @@ def decode_image(
         box = drafted[1] if drafted else (0, 0, *img.size)
         img, box, full_size = _upright(img, box, full_size)
         img = _on_background(img, background)
-    w, h = full_size  # the resize and crop are those of a full-scale decode
+    w, h = full_size  # the resize is that of a full-scale decode
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC, box=box)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on views
+    return img.resize((nw, nh), Image.BICUBIC, box=box)
 
 
 def _upright(img, box: tuple, full_size: tuple[int, int]):
@@ -405,7 +419,9 @@ class SyntheticSource:
 
         self.spec = SyntheticProductsSpec(**spec)
         self.products = SyntheticProducts(self.spec)
-        self.labels = self.products.labels.numpy()
+        # A copy, not a view of the tensor: a view reaches a spawned process (the shard
+        # store's build workers) as garbage, torch's pickler sharing the tensor, not the view.
+        self.labels = self.products.labels.numpy().copy()
         self.ids = [f"p{i:07d}" for i in range(len(self.products))]
         self.class_names = [str(c) for c in range(self.products.num_classes)]
         self.skip_corrupt = False

@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 STORE_VERSION = 1
 
 
-def store_key(description: dict, image_size: int) -> str:
-    desc = {"version": STORE_VERSION, "image_size": image_size, "source": description}
+def store_key(description: dict, image_size: int, **settings) -> str:
+    """Hash of the source's description, the stored size and any other `settings` of how it
+    is stored (the shard store's format): a change in any gives a new store."""
+    desc = {"version": STORE_VERSION, "image_size": image_size, "source": description, **settings}
     blob = json.dumps(desc, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 
@@ -103,22 +105,7 @@ def build_store(
     key = store_key(description, image_size)
     path = Path(path) if path else Path(root) / f"{name}-{key}"
 
-    def is_built(at: Path) -> bool:
-        if _store_key_at(at) != key:
-            return False
-        if problem := _damage(at):  # e.g. a truncated copy: never trained on as zeros
-            log.warning("Image store at %s is damaged (%s): rebuilding it", at, problem)
-            return False
-        return True
-
-    def fill(tmp: Path) -> None:
-        if path.exists():
-            log.warning(
-                "Store at %s was built from another source or size (key %s != %s): rebuilding",
-                path,
-                _store_key_at(path),
-                key,
-            )
+    def write(tmp: Path) -> None:
         meta = _write_store(source, tmp, image_size, chunk_size, progress, path.name)
         meta = {
             "key": key,
@@ -132,15 +119,48 @@ def build_store(
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    if not is_built(path) and len(source) == 0:
+    if not is_built(path, key, _damage) and len(source) == 0:
         raise ValueError(f"data source {description.get('kind')} has no images")
-    built = build_once(path, is_built, fill)  # jobs starting together build it once
+    built = build_keyed(path, key, _damage, write)
     store = ImageStore.open(path)
-    if path not in _ANNOUNCED:  # one line per store, not one per stage that opens it
-        _ANNOUNCED.add(path)
-        verb = "Built" if built else "Reusing"
-        log.info("%s image store %s (%d images)", verb, path, len(store))
+    announce(path, built, len(store))
     return store
+
+
+def is_built(path: Path, key: str, damage) -> bool:
+    """A complete store for `key` at `path` whose files pass `damage` (None: intact)."""
+    if _store_key_at(path) != key:
+        return False
+    if problem := damage(path):  # e.g. a truncated copy: never trained on as zeros
+        log.warning("Image store at %s is damaged (%s): rebuilding it", path, problem)
+        return False
+    return True
+
+
+def build_keyed(path: Path, key: str, damage, write) -> bool:
+    """Build the store for `key` at `path` with `write(tmp_dir)` (which writes meta.json
+    last) unless an intact one is there; a store of another key there is rebuilt, never
+    reused. Jobs starting together build it once (`build_once`); True if this call built."""
+
+    def fill(tmp: Path) -> None:
+        if path.exists():
+            log.warning(
+                "Store at %s was built from another source or size, or other shard settings "
+                "(key %s != %s): rebuilding",
+                path,
+                _store_key_at(path),
+                key,
+            )
+        write(tmp)
+
+    return build_once(path, lambda at: is_built(at, key, damage), fill)
+
+
+def announce(path: Path, built: bool, n: int) -> None:
+    """One line per store, not one per stage that opens it."""
+    if path not in _ANNOUNCED:
+        _ANNOUNCED.add(path)
+        log.info("%s image store %s (%d images)", "Built" if built else "Reusing", path, n)
 
 
 _ANNOUNCED: set[Path] = set()
@@ -187,17 +207,27 @@ def _damage(path: Path, full: bool = False) -> str | None:
         if actual != nbytes:
             return f"{file.name} holds {actual} bytes, expected {nbytes}"
     for name, recorded in (meta.get("checksums") or {}).items():  # stores before: sizes only
-        file = Path(path) / "tensors" / f"{name}.memmap"
-        kind, found = (
-            ("sha256", _sha256(file)) if full else ("sampled_sha256", _sampled_sha256(file))
-        )
-        if found != recorded[kind]:
-            return f"{file.name} does not match its {kind} recorded at publish"
+        if problem := file_changed(Path(path) / "tensors" / f"{name}.memmap", recorded, full):
+            return problem
+    return None
+
+
+def file_changed(file: Path, recorded: dict, full: bool) -> str | None:
+    """How `file` differs from its `file_digests` recorded at publish (sampled blocks, or
+    every byte with `full`), or None."""
+    kind, found = ("sha256", _sha256(file)) if full else ("sampled_sha256", _sampled_sha256(file))
+    if found != recorded[kind]:
+        return f"{file.name} does not match its {kind} recorded at publish"
     return None
 
 
 def check_store(path: str | Path) -> str | None:
-    """Every byte of a store against the checksums recorded at publish: None if intact."""
+    """Every byte of a store (either kind) against the checksums recorded at publish: None
+    if intact."""
+    from shared.data.shards import is_shard_store, shard_damage
+
+    if is_shard_store(path):
+        return shard_damage(Path(path), full=True)
     return _damage(Path(path), full=True)
 
 

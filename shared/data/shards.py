@@ -1,0 +1,396 @@
+"""The shard store: images kept encoded in litdata chunks, decoded in the loader workers.
+
+The memory-mapped store (`shared.data.store`) keeps raw pixels: fastest to read, but N x 3 x
+S x S bytes, which stops fitting on one disk long before a real catalogue does. This store
+keeps each image encoded (JPEG, or lossless PNG / WebP) at its own aspect, shorter side
+`shorter_side`, written once by `litdata.optimize` into chunk files that a
+`litdata.StreamingDataset` reads locally today and from object storage later.
+
+Layout of a store directory:
+
+    <root>/<name>-shards-<key>/
+        index.json, chunk-<worker>-<n>.bin   litdata's index and chunks; one sample per row:
+                                             row, label, id (+ group, title), image bytes
+        meta.json    key, settings, labels, ids, groups, titles, class names, file checksums
+                     (written last)
+
+Rows are the source's rows in order (less any skipped corrupt file), so labels, ids and
+groups, hence every split and fold, are those of the memmap store of the same source. For
+now a read gives what the memmap store gives: a centre-cropped uint8 square of
+`image_size`. The key, build lock, atomic publish and verify-before-reuse are the memmap
+store's (`build_keyed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.data.sources import FileSource, Source, check_source, decode_image, decode_whole
+from shared.data.store import (
+    announce,
+    build_keyed,
+    file_changed,
+    file_digests,
+    is_built,
+    store_key,
+)
+
+log = logging.getLogger(__name__)
+
+SHARD_VERSION = 1
+# data.shard_format -> (PIL format, lossless); lossy formats take data.shard_quality.
+FORMATS = {"jpeg": ("JPEG", False), "png": ("PNG", True), "webp": ("WEBP", True)}
+ROWS_PER_TASK = 64  # rows one optimize call decodes together (synthetic renders in batches)
+
+
+def check_shard_settings(image_size: int, shorter_side: int | None, fmt: str, quality: int):
+    """ValueError naming the key unless the settings make a store `image_size` reads from."""
+    if fmt not in FORMATS:
+        raise ValueError(f"data.shard_format={fmt!r} is not one of {sorted(FORMATS)}")
+    if not FORMATS[fmt][1] and not (isinstance(quality, int) and 1 <= quality <= 100):
+        raise ValueError(f"data.shard_quality={quality!r} must be an integer in 1..100")
+    if shorter_side is not None and (not isinstance(shorter_side, int) or shorter_side < 1):
+        raise ValueError(f"data.shard_shorter_side={shorter_side!r} must be a positive integer")
+    if shorter_side is not None and shorter_side < image_size:
+        raise ValueError(
+            f"data.shard_shorter_side={shorter_side} is below data.image_size={image_size}: "
+            "reads would upscale the stored images (set it to null: the image size)"
+        )
+    if fmt == "webp":
+        from PIL import features
+
+        if not features.check("webp"):
+            raise ValueError("data.shard_format=webp: this Pillow was built without WebP")
+
+
+def is_shard_store(path: str | Path) -> bool:
+    return (Path(path) / "index.json").is_file()
+
+
+@dataclass
+class ShardStore:
+    """An opened shard store: the ImageStore interface (`images[rows]`, labels, ids, groups),
+    images decoded on access at `image_size`."""
+
+    path: Path
+    meta: dict
+    image_size: int
+    labels: torch.Tensor = field(init=False)
+    images: ShardImages = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.labels = torch.as_tensor(self.meta["labels"], dtype=torch.int64)
+        self.images = ShardImages(self)  # one litdata reader per process, kept
+
+    @property
+    def ids(self) -> list[str]:
+        return self.meta["ids"]
+
+    @property
+    def samples(self) -> list[int]:
+        """Per row, the litdata sample that holds it (workers write in no fixed order)."""
+        return self.meta["samples"]
+
+    @property
+    def groups(self) -> list[str] | None:
+        return self.meta.get("groups")
+
+    @property
+    def titles(self) -> list[str] | None:
+        return self.meta.get("titles")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def open(cls, path: str | Path, image_size: int) -> ShardStore:
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file() or not is_shard_store(path):
+            raise FileNotFoundError(f"{path} is not a complete shard store (no meta.json)")
+        return cls(path, json.loads(meta_file.read_text()), image_size)
+
+
+class ShardImages:
+    """`store.images`: indexed like the memmap tensor (an int, a slice, rows), it reads and
+    decodes those rows: uint8 [n, 3, S, S]. Each process opens its own StreamingDataset on
+    first use, so a DataLoader's workers decode in parallel."""
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+        self._dataset, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), 3, self.store.image_size, self.store.image_size)
+
+    def __getstate__(self) -> dict:
+        return {"store": self.store, "_dataset": None, "_pid": None}  # reader threads stay
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            rows = torch.arange(len(self))[key]
+        else:
+            rows = torch.as_tensor(np.asarray(key), dtype=torch.int64)
+        if rows.ndim == 0:
+            return self._read(int(rows))
+        if len(rows) == 0:
+            return torch.empty(0, *self.shape[1:], dtype=torch.uint8)
+        return torch.stack([self._read(int(r)) for r in rows])
+
+    def _read(self, row: int) -> torch.Tensor:
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} is out of range for {len(self)} images")
+        if self._pid != os.getpid():  # new, or copied into a forked loader worker
+            from litdata import StreamingDataset
+
+            self._dataset, self._pid = StreamingDataset(str(self.store.path)), os.getpid()
+        try:
+            data = self._dataset[self.store.samples[row]]["image"]
+        except Exception as exc:  # litdata waits, then times out, on a cut-short chunk
+            problem = shard_damage(self.store.path)
+            raise RuntimeError(
+                f"reading row {row} of the shard store {self.store.path} failed: {problem or exc}"
+            ) from exc
+        pixels = decode_image(io.BytesIO(data), self.store.image_size, formats=self._formats())
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    def _formats(self) -> tuple[str]:
+        return (FORMATS[self.store.meta["format"]][0],)
+
+
+def build_shard_store(
+    source: Source,
+    root: str | Path,
+    image_size: int,
+    shorter_side: int | None = None,
+    fmt: str = "jpeg",
+    quality: int = 90,
+    name: str = "store",
+    path: str | Path | None = None,
+    chunk_bytes: str = "64MB",
+    workers: int | None = None,
+    start_method: str | None = None,
+) -> ShardStore:
+    """Open the shard store for (source, shorter side, format), building it first if needed;
+    it reads at `image_size`. `shorter_side` None: `image_size`. `workers`: optimize
+    processes (None: one per CPU), started by `start_method` (None: litdata's, spawn; fork
+    saves seconds where torch runs one thread, as in the tests). `path` pins the directory
+    as for `build_store`."""
+    check_source(source)
+    check_shard_settings(image_size, shorter_side, fmt, quality)
+    shorter_side = shorter_side or image_size
+    quality = None if FORMATS[fmt][1] else quality
+    description = source.describe()
+    settings = {"shard_format": fmt, "shard_quality": quality, "shard_version": SHARD_VERSION}
+    key = store_key(description, shorter_side, store_kind="shards", **settings)
+    path = Path(path) if path else Path(root) / f"{name}-shards-{key}"
+
+    def write(tmp: Path) -> None:
+        encode = _EncodeRows(source, shorter_side, fmt, quality)
+        stored = _optimize(encode, tmp, chunk_bytes, workers, start_method)
+        order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
+        rows = [stored[i] for i in order]
+        meta = {
+            "key": key,
+            "kind": "shards",
+            "version": SHARD_VERSION,
+            "shorter_side": shorter_side,
+            "format": fmt,
+            "quality": quality,
+            "source": {k: v for k, v in description.items() if k != "files"},
+            **_row_meta(source, rows),
+            "samples": order.tolist(),
+            "checksums": {
+                f.name: {"size": f.stat().st_size, **file_digests(f)} for f in _data_files(tmp)
+            },
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+    if not is_built(path, key, shard_damage) and len(source) == 0:
+        raise ValueError(f"data source {description.get('kind')} has no images")
+    built = build_keyed(path, key, shard_damage, write)
+    store = ShardStore.open(path, image_size)
+    announce(path, built, len(store))
+    return store
+
+
+class _EncodeRows:
+    """What each optimize worker runs on a list of source rows: one sample per row that
+    decodes, nothing for one that does not (the build finds it missing)."""
+
+    def __init__(self, source, shorter_side: int, fmt: str, quality: int | None) -> None:
+        self.source, self.shorter_side = source, shorter_side
+        self.fmt, self.quality = fmt, quality
+        # Plain lists: what reaches the spawned workers is exactly what the main process has.
+        columns = {"label": np.asarray(source.labels).tolist(), "id": list(map(str, source.ids))}
+        extras = {"group": source.groups, "title": getattr(source, "titles", None)}
+        columns |= {k: list(map(str, v)) for k, v in extras.items() if v is not None}
+        self.columns = columns
+
+    def __call__(self, rows: list[int]):
+        for row, image in zip(rows, self._images(rows)):
+            if image is None:
+                continue
+            yield {
+                "row": row,
+                **{k: v[row] for k, v in self.columns.items()},
+                "image": self._encode(image),
+            }
+
+    def _images(self, rows: list[int]) -> list:
+        """PIL images at shorter side `shorter_side`: files at their own aspect, other
+        sources (synthetic renders) as the square their `load` gives; None where it fails."""
+        from PIL import Image
+
+        if isinstance(self.source, FileSource):
+            out = []
+            for row in rows:
+                try:
+                    out.append(
+                        decode_whole(
+                            self.source.paths[row],
+                            self.shorter_side,
+                            background=self.source.background,
+                        )
+                    )
+                except Exception:  # PIL raises several types for bad files
+                    out.append(None)
+            return out
+        images, bad = self.source.load(rows, self.shorter_side)
+        good = iter(images.permute(0, 2, 3, 1).numpy())
+        return [None if row in bad else Image.fromarray(next(good)) for row in rows]
+
+    def _encode(self, image) -> bytes:
+        pil_format, lossless = FORMATS[self.fmt]
+        buffer = io.BytesIO()
+        options = {"lossless": True} if self.fmt == "webp" else {}
+        if not lossless:
+            options["quality"] = self.quality
+        image.save(buffer, format=pil_format, **options)
+        return buffer.getvalue()
+
+
+def _optimize(encode, tmp, chunk_bytes, workers, start_method):
+    """Write the chunks into `tmp` with litdata; the source rows they hold, in order.
+
+    By default worker processes are spawned: a forked child of a process whose OpenMP pool
+    has several threads can hang in its first torch op (a synthetic render)."""
+    import litdata
+
+    source = encode.source
+    n = len(source)
+    tasks = [list(range(i, min(n, i + ROWS_PER_TASK))) for i in range(0, n, ROWS_PER_TASK)]
+    log.info("Encoding %d images into litdata shards in %s", n, tmp)
+    with _rng_kept():
+        litdata.optimize(
+            fn=encode,
+            inputs=tasks,
+            output_dir=str(tmp),
+            chunk_bytes=chunk_bytes,
+            num_workers=min(workers or _cpus(), len(tasks)),
+            # False: no per-worker helper processes, which a failed build would leave orphaned;
+            # the order samples land in is read back instead (`_stored_rows`).
+            keep_data_ordered=False,
+            reorder_files=False,
+            verbose=False,  # its progress lines advertise a cloud service; ours are logged
+            start_method=start_method,
+        )
+    rows = _stored_rows(tmp)
+    bad = sorted(set(range(n)) - set(rows))
+    if bad:
+        if not source.skip_corrupt:
+            raise source.corrupt_error(bad)
+        if len(bad) == n:
+            raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
+        log.warning("Skipped %d corrupt image(s), e.g. %s", len(bad), bad[:5])
+    return rows
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Restore Python's, numpy's and torch's global RNGs afterwards: litdata's optimize
+    seeds them all with 42, which would make a run's training depend on the store kind."""
+    states = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _stored_rows(path: Path) -> list[int]:
+    """The source row of each sample, read back through litdata (which also proves every
+    chunk readable)."""
+    from litdata import StreamingDataset
+
+    dataset = StreamingDataset(str(path))
+    return [int(dataset[i]["row"]) for i in range(len(dataset))]
+
+
+def _row_meta(source, rows: Sequence[int]) -> dict:
+    """Labels, ids, groups, titles and class counts of the stored `rows`."""
+    labels = np.asarray(source.labels)[list(rows)]
+    titles = getattr(source, "titles", None)
+    return {
+        "num_images": len(rows),
+        "num_skipped": len(source) - len(rows),
+        "labels": labels.tolist(),
+        "ids": [source.ids[i] for i in rows],
+        "groups": None if source.groups is None else [source.groups[i] for i in rows],
+        "titles": None if titles is None else [titles[i] for i in rows],
+        "class_names": list(source.class_names),
+        "class_counts": np.bincount(labels, minlength=len(source.class_names)).tolist(),
+    }
+
+
+def _data_files(path: Path) -> list[Path]:
+    """litdata's index and every chunk it lists."""
+    index = json.loads((path / "index.json").read_text())
+    return [path / "index.json", *(path / c["filename"] for c in index["chunks"])]
+
+
+def shard_damage(path: Path, full: bool = False) -> str | None:
+    """What is wrong with the complete-looking shard store at `path`, or None: litdata's
+    index must be readable and list exactly the chunks published, each of its recorded size
+    (a copy cut short), its sampled blocks (every byte with `full`) as hashed at publish."""
+    path = Path(path)
+    recorded = json.loads((path / "meta.json").read_text())["checksums"]
+    try:
+        files = _data_files(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"index.json is missing or unreadable ({exc})"
+    if sorted(f.name for f in files) != sorted(recorded):
+        return f"index.json lists other chunks than the {len(recorded) - 1} published"
+    for file in files:
+        size = file.stat().st_size if file.is_file() else None
+        if size != recorded[file.name]["size"]:
+            return f"{file.name} holds {size} bytes, expected {recorded[file.name]['size']}"
+    for file in files:
+        if problem := file_changed(file, recorded[file.name], full):
+            return problem
+    return None
