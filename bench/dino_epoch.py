@@ -209,8 +209,12 @@ def before_part(args) -> dict:
     roots = {"before": args.root / "other-checkout", "now": args.root}
     pairs = []
     for i in tqdm(range(args.pairs), desc="before/now", unit="pair"):
-        a = run_worker(before, args, roots["before"])["epochs"]
-        b = run_worker(now, args, roots["now"])["epochs"]
+        if args.now_first:
+            b = run_worker(now, args, roots["now"])["epochs"]
+            a = run_worker(before, args, roots["before"])["epochs"]
+        else:
+            a = run_worker(before, args, roots["before"])["epochs"]
+            b = run_worker(now, args, roots["now"])["epochs"]
         pairs.append({"before": a, "now": b, "load_1min": os.getloadavg()[0]})
         tqdm.write(f"pair {i}: epoch s before {[round(e['epoch_s'], 1) for e in a]}, "
                    f"now {[round(e['epoch_s'], 1) for e in b]}")  # fmt: skip
@@ -220,7 +224,8 @@ def before_part(args) -> dict:
         b = [p["now"][e]["epoch_s"] for p in pairs]
         per_epoch.append({"epoch": e + 1, "before_s": spread(a), "now_s": spread(b),
                           "now_over_before": spread([y / x for x, y in zip(a, b)])})  # fmt: skip
-    return {"before": str(before), "workers": args.workers[0], "per_epoch": per_epoch,
+    return {"before": str(before), "workers": args.workers[0], "now_first": args.now_first,
+            "per_epoch": per_epoch,
             "pairs": pairs}  # fmt: skip
 
 
@@ -268,6 +273,8 @@ def parse_args():
     ap.add_argument("--pairs", type=int, default=3, help="before / now pairs")
     ap.add_argument("--epochs", type=int, default=2,
                     help="epochs per before / now run (the 1st pays one-off start-up)")  # fmt: skip
+    ap.add_argument("--now-first", action="store_true",
+                    help="this tree first in each pair (falling load favours the 2nd)")  # fmt: skip
     ap.add_argument("--no-peer", action="store_true", help="skip ours against lightly")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 8 families, 1 rep, 1 pair (about 2 minutes)")  # fmt: skip
