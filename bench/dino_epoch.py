@@ -34,6 +34,7 @@ started from, has).
     python bench/dino_epoch.py                                 # workers 0 and 2, 3 reps each
     git worktree add /tmp/before-16 537e806
     python bench/dino_epoch.py --before /tmp/before-16 --pairs 3 --no-peer
+    python bench/dino_epoch.py --before /tmp/before-16 --pairs 2 --no-peer --now-first
     python bench/dino_epoch.py --quick                         # 8 families, 1 rep: a smoke run
 
 Prints the tables and writes bench/results/dino_epoch.json. Read ratios of the same pair (one
