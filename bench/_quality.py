@@ -32,8 +32,9 @@ RESULTS = REPO / "bench" / "results"
 
 
 # ---- ours: the pipeline's own config and run ------------------------------------------------
-def compose(config_name: str, overrides: list[str], out_dir: Path, data_dir: Path):
-    """The config `python <pipeline>/run.py <overrides>` would run, writing under `out_dir`."""
+def compose(config_name: str, overrides: list[str], out_dir: Path, data_dir: Path, conf=CONF):
+    """The config `python <pipeline>/run.py <overrides>` would run, writing under `out_dir`
+    (`conf`: another checkout's conf/ folder, for that checkout's code)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -43,7 +44,7 @@ def compose(config_name: str, overrides: list[str], out_dir: Path, data_dir: Pat
     import shared.config  # noqa: F401  (resolvers, PROJECT_ROOT)
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # `${hydra:...}` interpolations read it
     with open_dict(cfg):
@@ -140,6 +141,38 @@ class RunProbe(Callback):
 
     def on_test_end(self, trainer, pl_module):
         self.test = self._metrics(trainer, "test/")
+
+
+class EpochTimer(Callback):
+    """Clocks a run's training epochs without touching them: from the epoch's start (before
+    the loader's workers start) to the end of its last step, and from the start of its first
+    step to the end of its last; validation and checkpointing come after and are not counted.
+
+    The last instance is `EpochTimer.last` (Hydra builds it from the config).
+    """
+
+    last: EpochTimer | None = None
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []  # per epoch: epoch_s, steps_s, steps, images
+        EpochTimer.last = self
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0, self._first, self._end, self._steps, self._images = (
+            time.perf_counter(), None, None, 0, 0)  # fmt: skip
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._first is None:
+            self._first = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._end = time.perf_counter()
+        self._steps += 1
+        self._images += len(batch["index"])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append({"epoch_s": self._end - self._t0, "steps_s": self._end - self._first,
+                            "steps": self._steps, "images": self._images})  # fmt: skip
 
 
 def run_ours(cfg) -> tuple[RunProbe, float]:

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightly
 import lightning as L
@@ -170,18 +171,21 @@ def clip_per_parameter(params, clip: float) -> None:
             p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
 
 
-def run_lightly(cfg, probe) -> dict:
-    """lightly's DINO on ours' backbone, starting weights and batches; evaluated like ours."""
+def lightly_parts(cfg, total: int, epochs: int, init_state=None) -> SimpleNamespace:
+    """lightly's DINO around ours' backbone: networks, loss, optimiser and schedules.
+
+    The backbone is built as `DINOModule` builds it (student with drop path, teacher without,
+    then a copy), starting from `init_state` when given; lr / weight decay run over `total`
+    steps in `epochs` epochs, as ours' do.
+    """
     hp = OmegaConf.to_container(cfg.module, resolve=True)
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone.pop("drop_path_rate", None)
-    L.seed_everything(cfg.seed, workers=True)
-    t0 = time.perf_counter()
-    # As DINOModule builds them: student with drop path, teacher without, then a copy.
     student_bb = TimmBackbone(**backbone, drop_path_rate=hp["student_drop_path"])
     teacher_bb = TimmBackbone(**{**backbone, "pretrained_path": None})
-    init_by_seed = states_equal(student_bb.state_dict(), probe.init_state)
-    student_bb.load_state_dict(probe.init_state)
+    init_by_seed = init_state is not None and states_equal(student_bb.state_dict(), init_state)
+    if init_state is not None:
+        student_bb.load_state_dict(init_state)
     teacher_bb.load_state_dict(student_bb.state_dict())
     head_kw = dict(
         input_dim=student_bb.num_features,
@@ -205,12 +209,6 @@ def run_lightly(cfg, probe) -> dict:
         center_momentum=hp["center_momentum"],
     )
 
-    dm = instantiate(cfg.data, "data")
-    dm.setup()
-    dataset = StoreViews(dm.store, lightly_transform(hp["multicrop"]))
-    epochs = len(probe.batches)
-    total = sum(len(b) for b in probe.batches)
-
     # The optimiser and schedules lightly leaves to the user: ours' (DINOModule).
     decay, no_decay = [], []
     for module in (student_bb, student_head):
@@ -228,7 +226,58 @@ def run_lightly(cfg, probe) -> dict:
         lr=float(lr[0]),
         weight_decay=hp["weight_decay"],
     )
-    student_params = [*student_bb.parameters(), *student_head.parameters()]
+    return SimpleNamespace(
+        hp=hp, total=total, student_bb=student_bb, teacher_bb=teacher_bb,
+        student_head=student_head, teacher_head=teacher_head, criterion=criterion, opt=opt,
+        lr=lr, wd=wd, init_by_seed=init_by_seed,
+        student_params=[*student_bb.parameters(), *student_head.parameters()],
+    )  # fmt: skip
+
+
+def lightly_train_mode(parts) -> None:
+    """All four networks in train mode (BatchNorm statistics), as at each epoch's start."""
+    for m in (parts.student_bb, parts.student_head, parts.teacher_bb, parts.teacher_head):
+        m.train()
+
+
+def lightly_step(parts, views, step: int, epoch: int) -> float:
+    """One training step of lightly's DINO (its examples' order: teacher update first)."""
+    hp, opt = parts.hp, parts.opt
+    for group in opt.param_groups:
+        group["lr"] = float(parts.lr[step])
+        if group["apply_wd"]:
+            group["weight_decay"] = float(parts.wd[step])
+    m = lightly_cosine(step, parts.total, hp["momentum_teacher"], hp["momentum_teacher_end"])
+    update_momentum(parts.student_bb, parts.teacher_bb, m)
+    update_momentum(parts.student_head, parts.teacher_head, m)
+    n_views = len(views)
+    globals_, locals_ = torch.cat(views[:2]), torch.cat(views[2:])
+    feats = [parts.student_bb(globals_)] + ([parts.student_bb(locals_)] if n_views > 2 else [])
+    student = parts.student_head(torch.cat(feats)).chunk(n_views)
+    with torch.no_grad():
+        teacher = parts.teacher_head(parts.teacher_bb(globals_)).chunk(2)
+    loss = parts.criterion(list(teacher), list(student), epoch=epoch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if hp["clip_grad"]:
+        clip_per_parameter(parts.student_params, hp["clip_grad"])
+    parts.student_head.cancel_last_layer_gradients(current_epoch=epoch)
+    opt.step()
+    return loss.item()
+
+
+def run_lightly(cfg, probe) -> dict:
+    """lightly's DINO on ours' backbone, starting weights and batches; evaluated like ours."""
+    L.seed_everything(cfg.seed, workers=True)
+    t0 = time.perf_counter()
+    epochs = len(probe.batches)
+    total = sum(len(b) for b in probe.batches)
+    parts = lightly_parts(cfg, total, epochs, probe.init_state)
+    hp, teacher_bb = parts.hp, parts.teacher_bb
+
+    dm = instantiate(cfg.data, "data")
+    dm.setup()
+    dataset = StoreViews(dm.store, lightly_transform(hp["multicrop"]))
 
     eval_transform = EvalTransform(hp.get("eval_size"))
     knn = instantiate(cfg.callbacks.knn, "callbacks.knn", history_dir=None)
@@ -250,39 +299,18 @@ def run_lightly(cfg, probe) -> dict:
     first_digest, step, losses = None, 0, []
     bar = tqdm(total=total, desc="lightly", unit="step", leave=False)
     for epoch in range(epochs):
-        for m in (student_bb, student_head, teacher_bb, teacher_head):
-            m.train()
+        lightly_train_mode(parts)
         loader = DataLoader(dataset, batch_sampler=probe.batches[epoch], num_workers=0)
         for views, images, _rows in loader:
             if first_digest is None:
                 first_digest = digest(images)
-            for group in opt.param_groups:
-                group["lr"] = float(lr[step])
-                if group["apply_wd"]:
-                    group["weight_decay"] = float(wd[step])
-            m = lightly_cosine(step, total, hp["momentum_teacher"], hp["momentum_teacher_end"])
-            update_momentum(student_bb, teacher_bb, m)
-            update_momentum(student_head, teacher_head, m)
-            n_views = len(views)
-            globals_, locals_ = torch.cat(views[:2]), torch.cat(views[2:])
-            feats = [student_bb(globals_)] + ([student_bb(locals_)] if n_views > 2 else [])
-            student = student_head(torch.cat(feats)).chunk(n_views)
-            with torch.no_grad():
-                teacher = teacher_head(teacher_bb(globals_)).chunk(2)
-            loss = criterion(list(teacher), list(student), epoch=epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if hp["clip_grad"]:
-                clip_per_parameter(student_params, hp["clip_grad"])
-            student_head.cancel_last_layer_gradients(current_epoch=epoch)
-            opt.step()
-            losses.append(loss.item())
+            losses.append(lightly_step(parts, views, step, epoch))
             step += 1
             bar.update()
         if epoch + 1 in eval_epochs:
             history.append(evaluate(epoch + 1))
     bar.close()
-    return peer_record(history, t0, losses, first_digest, init_by_seed, dm)
+    return peer_record(history, t0, losses, first_digest, parts.init_by_seed, dm)
 
 
 # ---- one seed: both methods ---------------------------------------------------------------
