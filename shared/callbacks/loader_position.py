@@ -22,8 +22,11 @@ class LoaderPositionCallback(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         states, self._states = self._states, []
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         if not states or not trainer.fit_loop.restarted_mid_epoch:
             return  # a fresh run, or one resumed at an epoch's end: a new pass either way
+        if done >= trainer.num_training_batches:
+            return  # saved after the epoch's last step (at its validation): a new pass next
         loaders = trainer.train_dataloader
         if isinstance(loaders, dict):
             loaders = list(loaders.values())

@@ -7,10 +7,11 @@ signal only marks a request; at the end of the current training step every rank 
 `last.ckpt` together and then the scheduler's handler runs (submitit requeues and exits). With
 the train loader's position in the checkpoint (`shared.data.resumable`), the requeued job
 continues the same epoch from the next batch: a preemption costs the current step. A signal
-during an epoch's last step or its validation is acted on after the next epoch's first step:
-Lightning resumes a checkpoint taken at the last step, or at the epoch's end after its
-validation, as a finished epoch without replaying exactly (the next epoch's data order and
-generators differ).
+during an epoch's last step or its validation is handed over at the epoch's end when that
+validation wrote `last.ckpt` (nothing is lost), else after the next epoch's first step: a
+checkpoint taken at the last step itself, or after the epoch-end hooks, resumes in Lightning
+as a finished epoch without replaying exactly (the next epoch's data order and generators
+differ).
 
 Nothing changes where no handler is installed for the signal (not under a scheduler), nor
 outside training: there the scheduler's handler gets the signal at once, as before.
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import threading
 from pathlib import Path
 
+import torch
 from lightning import Callback
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,23 @@ class PreemptionCheckpoint(Callback):
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_and_hand_over(trainer)
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._scheduler_handler is None or not self._agreed(trainer):
+            return
+        written = self._written_step() if trainer.is_global_zero else -1
+        if trainer.world_size > 1:  # rank 0's reading for all
+            written = trainer.strategy.broadcast(written)
+        if written == trainer.global_step:  # this epoch's validation saved the latest state
+            self._hand_over(trainer)
+
+    def _written_step(self) -> int:
+        """The step `last.ckpt` holds (-1: none readable); only this entry is read (mmap)."""
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            return int(saved["global_step"])
+        except (OSError, RuntimeError, KeyError, pickle.UnpicklingError):
+            return -1
+
     def on_train_end(self, trainer, pl_module) -> None:
         handler, self._scheduler_handler = self._scheduler_handler, None
         if handler is not None:
@@ -70,17 +90,21 @@ class PreemptionCheckpoint(Callback):
                 self._requested = False
                 handler(self.signum, None)
 
+    def _agreed(self, trainer) -> bool:
+        """Whether any rank got the signal (it reaches ranks at different steps)."""
+        if trainer.world_size > 1:
+            return trainer.strategy.reduce_boolean_decision(self._requested, all=False)
+        return self._requested
+
     def _save_and_hand_over(self, trainer) -> None:
-        if self._scheduler_handler is None:
-            return
-        requested = self._requested
-        if trainer.world_size > 1:  # the signal reaches ranks at different steps: agree
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if not requested:
+        if self._scheduler_handler is None or not self._agreed(trainer):
             return
         trainer.save_checkpoint(self.path)
+        self._hand_over(trainer)
+
+    def _hand_over(self, trainer) -> None:
         log.warning(
-            "Saved %s at epoch %d, step %d; handing the signal to the scheduler",
+            "%s holds epoch %d, step %d; handing the signal to the scheduler",
             self.path,
             trainer.current_epoch,
             trainer.global_step,

@@ -92,8 +92,8 @@ def test_preempted_mid_epoch_resumes_the_same_epoch_bit_for_bit(
     assert per_epoch >= 3
     if when == "mid-epoch":  # during epoch 1's second step: saved at its end
         step, saved_at = per_epoch + 1, per_epoch + 2
-    else:  # during epoch 0's last step: saved after epoch 1's first (see PreemptionCheckpoint)
-        step, saved_at = per_epoch - 1, per_epoch + 1
+    else:  # during epoch 0's last step: handed over once its validation wrote last.ckpt
+        step, saved_at = per_epoch - 1, per_epoch
 
     last = tmp_path / "preempted" / "run" / "checkpoints" / "last.ckpt"
     scheduler = Scheduler(last)
@@ -127,13 +127,16 @@ def test_without_a_scheduler_handler_the_signal_is_left_alone(tmp_path, schedule
     assert signal.getsignal(preemption_signal()) is signal.SIG_DFL
 
 
-def test_killed_after_a_mid_epoch_checkpoint_resumes_from_it_bit_for_bit(tmp_path):
-    """`callbacks.last_checkpoint.every_n_train_steps` (long epochs): last.ckpt mid-epoch."""
+@pytest.mark.parametrize("every_n_train_steps", [2, None])
+def test_killed_run_resumes_from_its_last_checkpoint_bit_for_bit(tmp_path, every_n_train_steps):
+    """last.ckpt mid-epoch (`callbacks.last_checkpoint.every_n_train_steps`, long epochs) or
+    at the validation after an epoch's last step (the default)."""
     overrides = [
         *TINY["ssl"],
         "data.batch_size=4",
         f"trainer.max_epochs={EPOCHS}",
-        "callbacks.last_checkpoint.every_n_train_steps=2",
+        f"callbacks.last_checkpoint.every_n_train_steps={every_n_train_steps or 'null'}",
+        "trainer.check_val_every_n_epoch=1",
         "test=false",
         "eval_at_init=false",
     ]
@@ -152,9 +155,11 @@ def test_killed_after_a_mid_epoch_checkpoint_resumes_from_it_bit_for_bit(tmp_pat
         run("killed", "+callbacks.kill_at._target_=tests.shared.test_preemption.KillAt",
             f"+callbacks.kill_at.step={per_epoch + 2}")  # fmt: skip
     saved = torch.load(tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == per_epoch + 1  # epoch 1, mid-way
+    # every 2 steps: epoch 1, mid-way; else the end of epoch 0 (before its epoch-end hooks)
+    assert saved["global_step"] == (per_epoch + 1 if every_n_train_steps else per_epoch)
 
     resumed, resumed_last = run("killed")
     assert resumed == reference
     a, b = (torch.load(p, weights_only=True) for p in (resumed_last, reference_last))
+    assert a["global_step"] == b["global_step"]
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])

@@ -77,6 +77,7 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(tmp_path,
         *SLURM,
         "trainer.max_epochs=6",
         "+trainer.limit_train_batches=3",
+        "data.batch_size=4",  # 3 steps per epoch: the signal can land mid-epoch
         "test=false",
         "+replica=preempted,reference",
         multirun=True,
