@@ -29,6 +29,7 @@ kNN / linear top-1 against its untrained network, and the time per stage.
     python bench/chain_study.py --seeds 0 1 2 3 4
     python bench/chain_study.py --quick                # 1 seed, tiny data, 2 short epochs
     python bench/chain_study.py --dino-override trainer.max_epochs=48 --tag dino48
+    python bench/chain_study.py --finetune-override module.backbone_lr_mult=1 --tag lr1
 
 Writes bench/results/chain_study[_<tag>].json. Runs land in logs/bench/chain_study/seed<s>/
 <stage>-<hash of its command>/, its wall / CPU record and log beside it; a stage whose record
@@ -109,8 +110,13 @@ def stage_commands(seed: int, base: Path, args) -> dict[str, tuple[list[str], Pa
     from_dino = [*match, "experiment=matching_from_dino", f"backbone.init_from_run={dino_dir}"]
     matching = {
         "random": [*match, *args.match_override],
-        "from_dino": [*from_dino, *args.match_override],
-        "titles": [*from_dino, "callbacks.matching_eval.text={mode:union}", *args.match_override],
+        "from_dino": [*from_dino, *args.match_override, *args.finetune_override],
+        "titles": [
+            *from_dino,
+            "callbacks.matching_eval.text={mode:union}",
+            *args.match_override,
+            *args.finetune_override,
+        ],  # fmt: skip
     }
     probe = ["-m", "shared.linear_probe", "--run-dir", str(dino_dir), *quick]
     stages = {"dino": ([*dino, f"hydra.run.dir={dino_dir}"], dino_dir)}
@@ -162,7 +168,8 @@ def test_figures(run_dir: Path, keys: list[str]) -> dict:
         return {k: scores[f"test/{k}"] for k in keys}
 
     return {"test": pick("test"), "untrained": pick("untrained_test"),
-            "chosen": res.get(CHOSEN), "run_dir": str(run_dir)}  # fmt: skip
+            "validation": res["optimized_metric"], "chosen": res.get(CHOSEN),
+            "run_dir": str(run_dir)}  # fmt: skip
 
 
 def probe_figures(dino_dir: Path) -> dict:
@@ -221,6 +228,11 @@ def summarise(per_seed: list[dict]) -> dict:
         "probe_trained": stat(lambda r: r["probe"]["trained"], probe_keys),
         "probe_init": stat(lambda r: r["probe"]["init"], probe_keys),
         "timing": {s: stat(lambda r, s=s: r["timing"][s], time_keys) for s in stages},
+        # the best validation F1 of each run: what an ablation may be chosen on
+        "val_f1": {
+            m: mean_std([r[m]["validation"]["val/f1"] for r in per_seed])
+            for m in ("random", "from_dino", "titles")
+        },  # fmt: skip
         "chain_cpu_s": mean_std([sum(r["timing"][s]["cpu_s"] for s in chain) for r in per_seed]),
         "chain_wall_s": mean_std([sum(r["timing"][s]["wall_s"] for s in chain) for r in per_seed]),
     }
@@ -248,6 +260,8 @@ def print_report(summary: dict, per_seed: list[dict]) -> None:
                 pk, [f"kNN k={k}" for k in KNN_KS] + ["linear"], 100, 1)  # fmt: skip
     print_table("time per stage (s)", list(summary["timing"].items()), ["wall_s", "cpu_s"],
                 ["wall", "CPU"], 1, 0)  # fmt: skip
+    print("validation F1 (fold 0, best checkpoint): " + ", ".join(
+        f"{m} {fmt(v, 1, 3)}" for m, v in summary["val_f1"].items()))  # fmt: skip
     print(f"chain (DINO + fine-tune) CPU {fmt(summary['chain_cpu_s'], 1, 0)} s, "
           f"wall {fmt(summary['chain_wall_s'], 1, 0)} s per seed")  # fmt: skip
     for r in per_seed:
@@ -270,6 +284,8 @@ def main() -> None:
     ap.add_argument("--dino-override", nargs="*", default=[], help="extra overrides for DINO")
     ap.add_argument("--match-override", nargs="*", default=[],
                     help="extra overrides for all three matching runs")  # fmt: skip
+    ap.add_argument("--finetune-override", nargs="*", default=[],
+                    help="extra overrides for the DINO-initialised runs (b), (c) only")  # fmt: skip
     args = ap.parse_args()
     suffix = f"_{args.tag}" if args.tag else ""
     if args.quick:
