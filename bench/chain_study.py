@@ -61,6 +61,7 @@ SSL, MATCHING = "ssl/run.py", "product-matching/run.py"
 MATCH_KEYS = ["f1", "precision", "recall", "threshold", "recall@1", "map@r"]
 TEXT_KEYS = ["f1", "f1_image", "f1_text", "recall@1", "map@r"]
 KNN_KS = (10, 20, 100, 200)
+STAGES = ["dino", "random", "from_dino", "titles", "probe", "probe_init"]
 
 # --quick: the tests' tiny sizes (tests/pipelines.py). DINO and matching read the same
 # postings and share the backbone group (init_from_run checks it).
@@ -190,10 +191,14 @@ def run_seed(seed: int, args, env: dict[str, str]) -> dict:
     stages = stage_commands(seed, args.work / f"seed{seed}", args)
     timing = {}
     for name, (cmd, run_dir) in stages.items():
+        if args.only and name not in args.only:
+            continue
         record = run_dir.with_name(f"{run_dir.name}.{name}.json")
         timing[name] = run_stage(name, cmd, record, env)
         print(f"seed {seed} {name}: {timing[name]['wall_s']:.0f} s wall, "
               f"{timing[name]['cpu_s']:.0f} s CPU", flush=True)  # fmt: skip
+    if args.only:
+        return {}
     return {
         "seed": seed,
         "random": test_figures(stages["random"][1], MATCH_KEYS),
@@ -280,6 +285,8 @@ def main() -> None:
                     help="run dirs, one per seed and stage command")  # fmt: skip
     ap.add_argument("--tag", default="", help="names the JSON of an ablation")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", nargs="*", choices=STAGES, default=[],
+                    help="run only these stages (a later full call reuses them)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny data")
     ap.add_argument("--dino-override", nargs="*", default=[], help="extra overrides for DINO")
     ap.add_argument("--match-override", nargs="*", default=[],
@@ -295,6 +302,8 @@ def main() -> None:
            "HYDRA_FULL_ERROR": "1"}  # fmt: skip
     t0 = time.perf_counter()
     per_seed = [run_seed(seed, args, env) for seed in args.seeds]
+    if args.only:
+        return  # some stages only (e.g. started beside others): no summary
     summary = summarise(per_seed)
     print_report(summary, per_seed)
     write_results(args, time.perf_counter() - t0, {"summary": summary, "per_seed": per_seed})
