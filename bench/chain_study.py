@@ -125,6 +125,8 @@ def stage_commands(seed: int, base: Path, args) -> dict[str, tuple[list[str], Pa
         run_dir = stage_dir(base, name, cmd)
         stages[name] = ([*cmd, f"hydra.run.dir={run_dir}"], run_dir)
     # the probes write into the DINO run: their records sit beside it
+    if args.no_titles:
+        del stages["titles"]
     stages["probe"] = (probe, dino_dir)
     stages["probe_init"] = ([*probe, "--which", "init"], dino_dir)
     return stages
@@ -199,14 +201,17 @@ def run_seed(seed: int, args, env: dict[str, str]) -> dict:
               f"{timing[name]['cpu_s']:.0f} s CPU", flush=True)  # fmt: skip
     if args.only:
         return {}
-    return {
+    record = {
         "seed": seed,
         "random": test_figures(stages["random"][1], MATCH_KEYS),
         "from_dino": test_figures(stages["from_dino"][1], MATCH_KEYS),
-        "titles": test_figures(stages["titles"][1], TEXT_KEYS + ["threshold", "threshold_text"]),
         "probe": probe_figures(stages["dino"][1]),
         "timing": {k: {"wall_s": v["wall_s"], "cpu_s": v["cpu_s"]} for k, v in timing.items()},
     }
+    if "titles" in stages:
+        keys = TEXT_KEYS + ["threshold", "threshold_text"]
+        record["titles"] = test_figures(stages["titles"][1], keys)
+    return record
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -222,25 +227,27 @@ def summarise(per_seed: list[dict]) -> dict:
     stages = per_seed[0]["timing"]
     time_keys = ["wall_s", "cpu_s"]
     chain = ("dino", "from_dino")  # what a user runs: pretrain, then fine-tune
-    return {
+    methods = [m for m in ("random", "from_dino", "titles") if m in per_seed[0]]
+    out = {
         "untrained_matching": stat(lambda r: r["random"]["untrained"], MATCH_KEYS),
         "untrained_from_dino": stat(lambda r: r["from_dino"]["untrained"], MATCH_KEYS),
         "random": stat(lambda r: r["random"]["test"], MATCH_KEYS),
         "from_dino": stat(lambda r: r["from_dino"]["test"], MATCH_KEYS),
-        "titles": stat(lambda r: r["titles"]["test"], TEXT_KEYS),
         "from_dino_minus_random": diff("from_dino", "random", MATCH_KEYS),
-        "titles_minus_from_dino": diff("titles", "from_dino", ["f1", "recall@1", "map@r"]),
         "probe_trained": stat(lambda r: r["probe"]["trained"], probe_keys),
         "probe_init": stat(lambda r: r["probe"]["init"], probe_keys),
         "timing": {s: stat(lambda r, s=s: r["timing"][s], time_keys) for s in stages},
         # the best validation F1 of each run: what an ablation may be chosen on
         "val_f1": {
-            m: mean_std([r[m]["validation"]["val/f1"] for r in per_seed])
-            for m in ("random", "from_dino", "titles")
+            m: mean_std([r[m]["validation"]["val/f1"] for r in per_seed]) for m in methods
         },  # fmt: skip
         "chain_cpu_s": mean_std([sum(r["timing"][s]["cpu_s"] for s in chain) for r in per_seed]),
         "chain_wall_s": mean_std([sum(r["timing"][s]["wall_s"] for s in chain) for r in per_seed]),
     }
+    if "titles" in methods:
+        out["titles"] = stat(lambda r: r["titles"]["test"], TEXT_KEYS)
+        out["titles_minus_from_dino"] = diff("titles", "from_dino", ["f1", "recall@1", "map@r"])
+    return out
 
 
 def print_report(summary: dict, per_seed: list[dict]) -> None:
@@ -251,14 +258,18 @@ def print_report(summary: dict, per_seed: list[dict]) -> None:
         ("untrained (DINO teacher)", summary["untrained_from_dino"]),
         ("(a) random init", summary["random"]),
         ("(b) DINO init", summary["from_dino"]),
-        ("(c) (b) + titles, union", summary["titles"]),
     ]
+    diffs = [("(b) - (a)", summary["from_dino_minus_random"])]
+    titles = "titles" in summary
+    if titles:
+        rows.append(("(c) (b) + titles, union", summary["titles"]))
+        diffs.append(("(c) - (b)", summary["titles_minus_from_dino"]))
     print_table(f"Matching, test fold, mean ± std over {n} seed(s)", rows, keys, labels, 1, 3)
-    diffs = [("(b) - (a)", summary["from_dino_minus_random"]),
-             ("(c) - (b)", summary["titles_minus_from_dino"])]  # fmt: skip
     print_table("paired by seed", diffs, keys, labels, 1, 3)
-    print_table("(c): F1 of images only, titles only, combined", [("(c)", summary["titles"])],
-                ["f1_image", "f1_text", "f1"], ["image", "title", "combined"], 1, 3)  # fmt: skip
+    if titles:
+        row, keys3 = [("(c)", summary["titles"])], ["f1_image", "f1_text", "f1"]
+        print_table("(c): F1 of images only, titles only, combined", row, keys3,
+                    ["image", "title", "combined"], 1, 3)  # fmt: skip
     pk = [f"knn_top1@{k}" for k in KNN_KS] + ["linear_top1"]
     print_table("DINO run, test split top-1 (%)",
                 [("untrained", summary["probe_init"]), ("DINO", summary["probe_trained"])],
@@ -270,9 +281,8 @@ def print_report(summary: dict, per_seed: list[dict]) -> None:
     print(f"chain (DINO + fine-tune) CPU {fmt(summary['chain_cpu_s'], 1, 0)} s, "
           f"wall {fmt(summary['chain_wall_s'], 1, 0)} s per seed")  # fmt: skip
     for r in per_seed:
-        f = {m: r[m]["test"]["f1"] for m in ("random", "from_dino", "titles")}
-        print(f"seed {r['seed']}: F1 (a) {f['random']:.3f} (b) {f['from_dino']:.3f} "
-              f"(c) {f['titles']:.3f}")  # fmt: skip
+        f = [f"({c}) {r[m]['test']['f1']:.3f}" for c, m in zip("abc", summary["val_f1"])]
+        print(f"seed {r['seed']}: F1 " + " ".join(f))
 
 
 def main() -> None:
@@ -287,6 +297,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", nargs="*", choices=STAGES, default=[],
                     help="run only these stages (a later full call reuses them)")  # fmt: skip
+    ap.add_argument("--no-titles", action="store_true", help="skip (c), e.g. in an ablation")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny data")
     ap.add_argument("--dino-override", nargs="*", default=[], help="extra overrides for DINO")
     ap.add_argument("--match-override", nargs="*", default=[],
