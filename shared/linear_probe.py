@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.atomic import write_text
+from shared.embedding import embed_rows
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +122,8 @@ def linear_probe(
     }
 
 
-@torch.no_grad()
-def embed_loader(module, loader, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
-    for batch in loader:
-        feats.append(module.embed(batch["images"].to(device)).float().cpu())
-        labels.append(batch["labels"])
-    return torch.cat(feats), torch.cat(labels)
-
-
-def split_loaders(datamodule) -> dict:
-    """Train (un-augmented), val and test loaders of a run's data module; test only if any.
+def split_rows(datamodule) -> dict:
+    """Store rows of a run's train, val and test splits (test only if any).
     Refused when val / test hold classes train lacks (a class-disjoint split): a classifier
     cannot name a class it never saw."""
     datamodule.setup()
@@ -149,10 +141,7 @@ def split_loaders(datamodule) -> dict:
                     "class- or group-disjoint split, e.g. the matching folds): a linear probe "
                     "needs every class in train (data.split_by=instance)"
                 )
-    loaders = {"train": datamodule.bank_dataloader(), "val": datamodule.query_dataloader("val")}
-    if "test" in rows:
-        loaders["test"] = datamodule.query_dataloader("test")
-    return loaders
+    return rows
 
 
 def probe_run(
@@ -174,8 +163,11 @@ def probe_run(
     module = initial_module(run.config) if which == "init" else run.module
     module = module.to(device).eval()
     features, labels = {}, {}
-    for name, loader in split_loaders(run.datamodule).items():
-        features[name], labels[name] = embed_loader(module, loader, device)
+    splits = split_rows(run.datamodule)  # sets the data module up
+    store = run.datamodule.store
+    for name, rows in splits.items():
+        features[name] = torch.from_numpy(embed_rows(module, store.images, rows))
+        labels[name] = store.labels[torch.as_tensor(rows)]
     num_classes = run.datamodule.num_classes
     result = linear_probe(
         features, labels, num_classes, lrs, epochs, batch_size, weight_decay, seed

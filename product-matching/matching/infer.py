@@ -6,15 +6,13 @@ import csv
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from shared.atomic import atomic_write
 from shared.callbacks.matching_eval import EMBEDDER_KEY, LEGACY_KEY
 from shared.data.sources import DEFAULT_BACKGROUND, CsvSource, check_background
 from shared.data.store import build_store
+from shared.embedding import embed_rows
 from shared.retrieval.combine import TextCombination, candidate_pairs, combined_matches
 from shared.retrieval.search import knn_search
 from shared.retrieval.text import embedder_from_state, has_title, titles_by_id
@@ -43,14 +41,6 @@ def run_background(config) -> tuple[int, int, int]:
         if value is not None:
             return check_background(value, key)
     return DEFAULT_BACKGROUND
-
-
-@torch.no_grad()
-def embed_store(module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc="Embedding postings"):
-        out.append(module.embed(torch.as_tensor(images[start : start + batch_size])).cpu())
-    return torch.cat(out).numpy()
 
 
 def write_matches(path: str | Path, ids: list[str], matches: list[list[str]]) -> Path:
@@ -99,7 +89,7 @@ def match_postings(
     size = int(run.config.data.image_size)
     root = Path(store_root) if store_root else Path(run.run_dir) / "inference_stores"
     store = build_store(source, root, size, name="postings")
-    embeddings = embed_store(run.module, store.images)
+    embeddings = embed_rows(run.module, store.images, desc="Embedding postings")
     titles = titles_by_id(source, store.ids)
     matches = match_embeddings(embeddings, store.ids, threshold, min2, k, titles, text)
     log.info("Matched %d postings at threshold %.3f", len(store.ids), threshold)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from shared.config import REPO_ROOT
+from shared.embedding import embed_rows
 
 # ---- finding and embedding a run ----------------------------------------------------------
 
@@ -34,17 +35,6 @@ def find_run_dir(run_dir: str | os.PathLike | None, pipeline: str) -> Path:
             "(environment) or the RUN_DIR parameter to a run directory"
         )
     return run
-
-
-@torch.no_grad()
-def embed_rows(module, images, rows, batch_size: int = 256) -> np.ndarray:
-    """`module.embed` of store rows `rows` (uint8 images), float32 [len(rows), D]."""
-    rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)
-    out = [
-        module.embed(torch.as_tensor(images[rows[i : i + batch_size]])).float().cpu()
-        for i in range(0, len(rows), batch_size)
-    ]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def split_embeddings(run, batch_size: int = 256) -> dict[str, dict[str, np.ndarray]]:

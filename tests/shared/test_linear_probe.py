@@ -73,7 +73,8 @@ def test_no_test_split_and_bad_lrs():
 def test_command_on_a_run_directory(dino_run, capsys):  # noqa: F811
     """`python -m shared.linear_probe --run-dir <run>`: writes linear_probe.json with the
     val-chosen lr; its figures equal the probe recomputed from the run's own embeddings."""
-    from shared.linear_probe import embed_loader, split_loaders
+    from shared.embedding import embed_rows
+    from shared.linear_probe import split_rows
     from shared.run_loading import load_run
 
     result = main(["--run-dir", str(dino_run.run_dir), "--lrs", "0.01", "0.1", "--epochs", "5"])
@@ -82,12 +83,18 @@ def test_command_on_a_run_directory(dino_run, capsys):  # noqa: F811
     assert "chosen on val" in capsys.readouterr().out
 
     run = load_run(dino_run.run_dir)
-    loaders = split_loaders(run.datamodule)
-    assert set(loaders) == {"train", "val", "test"}
-    embedded = {k: embed_loader(run.module, loader, "cpu") for k, loader in loaders.items()}
-    features = {k: v[0] for k, v in embedded.items()}
-    labels = {k: v[1] for k, v in embedded.items()}
     dm = run.datamodule
+    rows = split_rows(dm)
+    assert set(rows) == {"train", "val", "test"}
+    # the probe's features, recomputed one image at a time
+    features = {
+        k: torch.stack([run.module.embed(dm.store.images[[r]])[0].detach() for r in v])
+        for k, v in rows.items()
+    }
+    labels = {k: dm.store.labels[torch.as_tensor(v)] for k, v in rows.items()}
+    for k, v in rows.items():
+        batched = torch.from_numpy(embed_rows(run.module, dm.store.images, v))
+        assert torch.allclose(batched, features[k], atol=1e-5)
     assert [len(labels[k]) for k in ("train", "val", "test")] == [
         len(dm.train_indices),
         len(dm.val_indices),
