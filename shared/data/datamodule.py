@@ -232,21 +232,15 @@ class StoreDataModule(LightningDataModule):
         self.train_batch_transform = transform
 
     def _build(self) -> ImageStore | ShardStore:
-        if self.store_kind == "shards":
-            return build_shard_store(
-                self.source,
-                self.store_root,
-                self.image_size,
-                name=self.store_name,
-                path=self.store_path,
-                **self.shards,
-            )
-        return build_store(
+        shards = self.store_kind == "shards"
+        build, settings = (build_shard_store, self.shards) if shards else (build_store, {})
+        return build(
             self.source,
             self.store_root,
             self.image_size,
             name=self.store_name,
             path=self.store_path,
+            **settings,
         )
 
     def prepare_data(self) -> None:  # rank 0 builds; the others open it in setup

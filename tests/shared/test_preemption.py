@@ -115,16 +115,21 @@ def test_preempted_mid_epoch_resumes_the_same_epoch_bit_for_bit(
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
 
 
-def test_without_a_scheduler_handler_the_signal_is_left_alone(tmp_path, scheduler_handler):
-    """Not under a scheduler (default handler): nothing is installed, training is untouched."""
-    scheduler_handler(signal.SIG_DFL)
+def test_a_run_without_the_signal_leaves_the_schedulers_handler_in_place(
+    tmp_path, scheduler_handler
+):
+    """No signal: nothing extra is saved, the scheduler's handler is never called and is back
+    in place once training ends (a signal during the test phase reaches it directly)."""
+    scheduler = Scheduler(tmp_path / "unused.ckpt")
+    scheduler_handler(scheduler)
     cfg = compose_config(
         "ssl",
         [*TINY_SYNTHETIC, "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "test=false"],
         tmp_path,
     )
     run_in_process(cfg)
-    assert signal.getsignal(preemption_signal()) is signal.SIG_DFL
+    assert scheduler.calls == []
+    assert signal.getsignal(preemption_signal()) is scheduler
 
 
 @pytest.mark.parametrize("every_n_train_steps", [2, None])
