@@ -74,6 +74,14 @@ def check_shard_settings(image_size: int, shorter_side: int | None, fmt: str, qu
             raise ValueError("data.shard_format=webp: this Pillow was built without WebP")
 
 
+def open_streaming(location: str | Path, **kwargs):
+    """A `litdata.StreamingDataset` over a shard store's chunks; every reader is made here
+    (`kwargs`: StreamingDataset's, e.g. shuffle, seed, drop_last)."""
+    from litdata import StreamingDataset
+
+    return StreamingDataset(str(location), **kwargs)
+
+
 def is_shard_store(path: str | Path) -> bool:
     return (Path(path) / "index.json").is_file()
 
@@ -160,9 +168,7 @@ class ShardImages:
         if not -len(self) <= row < len(self):
             raise IndexError(f"row {row} is out of range for {len(self)} images")
         if self._pid != os.getpid():  # new, or copied into a forked loader worker
-            from litdata import StreamingDataset
-
-            self._dataset, self._pid = StreamingDataset(str(self.store.path)), os.getpid()
+            self._dataset, self._pid = open_streaming(self.store.path), os.getpid()
         try:
             data = self._dataset[self.store.samples[row]]["image"]
         except Exception as exc:  # litdata waits, then times out, on a cut-short chunk
@@ -346,9 +352,7 @@ def _cpus() -> int:
 def _stored_rows(path: Path) -> list[int]:
     """The source row of each sample, read back through litdata (which also proves every
     chunk readable)."""
-    from litdata import StreamingDataset
-
-    dataset = StreamingDataset(str(path))
+    dataset = open_streaming(path)
     return [int(dataset[i]["row"]) for i in range(len(dataset))]
 
 
