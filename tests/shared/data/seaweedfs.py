@@ -92,7 +92,7 @@ def seaweedfs(root: Path, weed: str) -> Iterator[S3Server]:
     log = open(root / "weed.log", "wb")
     env = {**os.environ, "TMPDIR": str(root)}  # its log files
     process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
     )
     server = S3Server(f"http://127.0.0.1:{s3}", access, secret, BUCKET)
     try:
@@ -104,6 +104,16 @@ def seaweedfs(root: Path, weed: str) -> Iterator[S3Server]:
         for port in ports:  # its gRPC sockets are always put in /tmp, named by port
             for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 stale.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In the child: a new process group, and SIGKILL when the test process dies, even
+    killed (Linux's PR_SET_PDEATHSIG), so no server outlives its tests."""
+    os.setpgrp()
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def _wait_until_ready(server: S3Server, process, log: Path) -> None:

@@ -169,6 +169,44 @@ def _sizes(files) -> dict[str, int]:
     return sizes
 
 
+def test_a_loader_worker_reads_a_bucket_as_the_local_store(local, s3_env, tmp_path):
+    """The data module over `s3://`, its batches read in a forked loader worker (its own
+    reader and cache): the local store's images and labels of the rows it names."""
+    from shared.data.datamodule import StoreDataModule
+
+    source, reference = local
+    build_shard_store(source, "s3://stores/loader", **_kw(tmp_path))  # fork: seconds sooner
+    dm = StoreDataModule(
+        source, "s3://stores/loader", image_size=S, eval_batch_size=2,
+        num_workers=1, store_kind="shards", shard_format="png", shard_workers=1,
+        shard_chunk_bytes="2kB", val_fraction=0.5, test_fraction=0.0,
+        s3_cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    dm.setup()
+    assert dm.store.meta["key"] == reference.meta["key"]  # published above, reused
+    batches = list(dm.val_dataloader()["query"])
+    assert len(batches) > 1
+    assert torch.cat([b["index"] for b in batches]).tolist() == dm.val_indices.tolist()
+    for batch in batches:
+        assert torch.equal(batch["images"], reference.images[batch["index"]])
+        assert torch.equal(batch["labels"], reference.labels[batch["index"]])
+
+
+def test_open_streaming_iterates_a_bucket_in_a_seeded_order(local, s3_env, tmp_path):
+    """The seam a streaming loader uses: `open_streaming(location, shuffle, seed)` over a
+    bucket yields every sample once, in an order its seed fixes."""
+    from shared.data.shards import open_streaming
+
+    store = build_shard_store(local[0], "s3://stores/iterate", **_kw(tmp_path))
+    orders = {
+        seed: [int(x["row"]) for x in open_streaming(store.path, shuffle=True, seed=seed)]
+        for seed in (1, 1, 2)
+    }
+    assert sorted(orders[1]) == list(range(len(store)))
+    again = [int(x["row"]) for x in open_streaming(store.path, shuffle=True, seed=1)]
+    assert again == orders[1] and orders[2] != orders[1]
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 
@@ -190,6 +228,12 @@ def test_wrong_credentials_name_the_bucket(local, s3_env, tmp_path, monkeypatch,
     with pytest.raises(PermissionError, match=f"access denied to bucket 'stores' .*{code}"):
         build_shard_store(local[0], "s3://stores/denied", **_kw(tmp_path))
     assert _objects(s3_env, "denied") == {} and not (tmp_path / "cache").exists()
+
+
+def test_a_missing_bucket_is_named(local, s3_env, tmp_path):
+    with pytest.raises(FileNotFoundError, match="bucket 'no-such-bucket' does not exist at"):
+        build_shard_store(local[0], "s3://no-such-bucket/x", **_kw(tmp_path))
+    assert not (tmp_path / "cache").exists()
 
 
 def _spoil(server, store: ShardStore, how: str) -> tuple[str, str]:
