@@ -154,7 +154,10 @@ def s3_errors(location: S3Location, client):
             raise FileNotFoundError(
                 f"bucket {location.bucket!r} does not exist at {location.endpoint_url(client)}"
             ) from exc
-        raise
+        raise OSError(
+            f"the S3 endpoint {location.endpoint_url(client)} refused a request for "
+            f"{location} ({code or exc}): is it an S3 API (data.s3_endpoint / AWS_ENDPOINT_URL)?"
+        ) from exc
 
 
 def read_meta(location: S3Location, client=None) -> dict | None:

@@ -12,7 +12,11 @@ Layout of a store directory:
         index.json, chunk-<worker>-<n>.bin   litdata's index and chunks; one sample per row:
                                              row, label, id (+ group, title), image bytes
         meta.json    key, settings, labels, ids, groups, titles, class names, file checksums
-                     (written last)
+                     (size, sha256, sampled sha256, md5; written last)
+
+The same directory can live in an S3-compatible bucket (`data.store_root=s3://...`): built
+here, then uploaded with meta.json last and checked against the bucket's listing
+(`shared.data.object_store`).
 
 Rows are the source's rows in order (less any skipped corrupt file), so labels, ids and
 groups, hence every split and fold, are those of the memmap store of the same source. For
@@ -88,9 +92,10 @@ def check_shard_settings(image_size: int, shorter_side: int | None, fmt: str, qu
 
 def open_streaming(location: str | Path | S3Location, **kwargs):
     """A `litdata.StreamingDataset` over a shard store's chunks; every reader is made here
-    (`kwargs`: StreamingDataset's, e.g. shuffle, seed, drop_last). An `s3://` location
-    (a plain string: boto3's endpoint and litdata's cache) is read through its bounded
-    local cache."""
+    (`kwargs`: StreamingDataset's, e.g. shuffle, seed, drop_last). A store in a bucket is
+    read through litdata's bounded cache: an `S3Location` (a ShardStore's `path`) with its
+    endpoint and cache settings, a plain `s3://` string with AWS_ENDPOINT_URL and litdata's
+    default cache."""
     from litdata import StreamingDataset
 
     if is_s3(location):
