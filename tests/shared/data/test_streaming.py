@@ -239,7 +239,8 @@ def _train_rows(cfg) -> list[int]:
     return sorted(dm.train_indices.tolist())
 
 
-STREAM = ["data.store_kind=shards", "data.stream=true", "data.num_workers=2", "test=false"]
+STREAM = ["data.store_kind=shards", "data.stream=true", "data.num_workers=2", "test=false",
+          "data.test_fraction=0.0"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -299,7 +300,7 @@ def test_a_run_killed_mid_epoch_resumes_with_the_rows_it_had_not_trained_on(tmp_
         "eval_at_init=false",
         "+callbacks.record._target_=tests.shared.data.test_streaming.RecordRows",
     ]
-    train = _train_rows(compose_config("ssl", [*TINY["ssl"], *common[:4]], tmp_path / "probe",
+    train = _train_rows(compose_config("ssl", [*TINY["ssl"], *STREAM], tmp_path / "probe",
                                        data_dir=tmp_path / "data"))  # fmt: skip
     per_epoch = -(-len(train) // 4)
     assert per_epoch >= 4
