@@ -255,7 +255,7 @@ class StoreDataModule(LightningDataModule):
         if self.store is None:
             self.store = self._build()
             self.train_indices, self.val_indices, self.test_indices = self.make_splits()
-        if self.stream and self.train_store is None:
+        if self.stream and self.train_store is None and stage in (None, "fit"):
             self.train_store = build_train_store(
                 self.store, self.train_indices, self.shards["chunk_bytes"], self.shards["workers"]
             )
@@ -308,7 +308,8 @@ class StoreDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.stream:  # litdata's loader over the train rows' shards (shared.data.streaming)
             return streaming_train_loader(
-                self.train_store, self.batch_size, self.num_workers, self.seed, self.drop_last,
+                self.train_store, self.batch_size, self.num_workers, self.seed,
+                self.drop_last and len(self.train_store) >= self.batch_size,
                 self.train_batch_transform, self.pin_memory,
             )  # fmt: skip
         return self._loader(

@@ -334,3 +334,31 @@ def test_a_run_killed_mid_epoch_resumes_with_the_rows_it_had_not_trained_on(tmp_
     assert after[0]["rows"] == lost["rows"]  # the same order goes on
     epoch2 = [r for x in after if x["epoch"] == 2 for r in x["rows"]]
     assert sorted(epoch2) == train and epoch2 != epoch0
+
+
+@pytest.mark.slow
+def test_product_matching_trains_from_the_stream(tmp_path):
+    """The other pipeline, unchanged, from the command line: each epoch trains on the rows of
+    its training folds once, in a new order, less the one partial batch (data.drop_last)."""
+    from tests.conftest import REPO, compose_config
+    from tests.pipelines import TINY, cli, env
+
+    common = [
+        "data.store_kind=shards", "data.stream=true", "data.num_workers=2",
+        "+trainer.limit_train_batches=1.0", "trainer.max_epochs=2",
+        "eval_at_init=false", "test=false",
+        "+callbacks.record._target_=tests.shared.data.test_streaming.RecordRows",
+    ]  # fmt: skip
+    cfg = compose_config("matching", [*TINY["matching"], *common[:3]], tmp_path / "probe",
+                         data_dir=tmp_path / "data")  # fmt: skip
+    train = _train_rows(cfg)
+    record = tmp_path / "rows"
+    cmd = cli("matching", tmp_path, *common, f"+callbacks.record.path={record}")
+    environment = {**env(), "PYTHONPATH": os.pathsep.join([str(REPO), env().get("PYTHONPATH", "")])}
+    result = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = [[r for x in _records(record) if x["epoch"] == e for r in x["rows"]] for e in (0, 1)]
+    whole = len(train) // cfg.data.batch_size * cfg.data.batch_size
+    for rows in epochs:
+        assert len(rows) == len(set(rows)) == whole and set(rows) <= set(train)
+    assert epochs[0] != epochs[1]
