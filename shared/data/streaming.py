@@ -27,9 +27,10 @@ import torch.distributed as dist
 from litdata import StreamingDataLoader
 from torch.utils.data import default_collate
 
+from shared.data.augment import TransformBatch, pad_images
 from shared.data.shards import (
     ShardStore,
-    decode_shard_image,
+    decode_shard_whole,
     open_streaming,
     read_back,
     shard_damage,
@@ -140,32 +141,33 @@ class _CopyRows:
 
 
 class DecodeItem:
-    """A train store sample -> `{"images": uint8 [3,S,S], "labels", "index"}`, the full
-    store's row as `index`; runs in the loader workers (litdata's dataset `transform`)."""
+    """A train store sample -> `{"images": uint8 [3, h, w], "labels", "index"}`: the whole
+    stored image at its own aspect (crops are drawn over it), the full store's row as
+    `index`; runs in the loader workers (litdata's dataset `transform`)."""
 
-    def __init__(self, image_size: int, fmt: str) -> None:
-        self.image_size, self.fmt = image_size, fmt
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
 
     def __call__(self, item: dict) -> dict:
         return {
-            "images": decode_shard_image(item["image"], self.image_size, self.fmt),
+            "images": decode_shard_whole(item["image"], self.fmt),
             "labels": int(item["label"]),
             "index": int(item["store_row"]),
         }
 
 
 class StreamCollate:
-    """Stack the items of a batch, then the module's train batch transform (if any) in the
-    worker that fetched it, as `TransformBatch` does for the random-access loaders."""
+    """The items of a batch as the random-access train loader gives them (whole images padded
+    into one tensor with their `sizes`), then the module's train batch transform (if any) in
+    the worker that fetched it, as `TransformBatch` does."""
 
     def __init__(self, transform=None) -> None:
-        self.transform = transform
+        self.transform = TransformBatch(transform) if transform is not None else None
 
     def __call__(self, items: list[dict]) -> dict:
-        batch = default_collate(items)
-        if self.transform is not None:
-            batch["views"] = self.transform(batch.pop("images"))
-        return batch
+        images, sizes = pad_images([item.pop("images") for item in items])
+        batch = {"images": images, **default_collate(items), "sizes": sizes}
+        return self.transform(batch) if self.transform is not None else batch
 
 
 class StreamingTrainLoader(StreamingDataLoader):
@@ -219,7 +221,7 @@ def streaming_train_loader(
         shuffle=True,
         seed=seed,
         drop_last=drop_last or distributed,
-        transform=DecodeItem(train.image_size, train.meta["format"]),
+        transform=DecodeItem(train.meta["format"]),
     )
     return StreamingTrainLoader(
         dataset,
