@@ -175,6 +175,26 @@ def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, sizes
 
 
+class TransformBatch:
+    """Train-loader collate: replaces a batch's uint8 `images` by `views = transform(images)`.
+
+    Runs where the batch is fetched, so in each loader worker (each with one torch thread)
+    or in the main process at `num_workers=0`.
+    """
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        batch = dict(batch)
+        images, sizes = batch.pop("images"), batch.pop("sizes", None)
+        # `sizes` only with whole images (a shard store): a transform for squares needs none
+        batch["views"] = (
+            self.transform(images) if sizes is None else self.transform(images, sizes=sizes)
+        )
+        return batch
+
+
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     """uint8 CPU images channels-last: the layout of torch's SIMD resampling path."""
     if x.dtype == torch.uint8 and x.device.type == "cpu":

@@ -18,11 +18,12 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from shared.config import require_int
-from shared.data.augment import pad_images
+from shared.data.augment import TransformBatch, pad_images
 from shared.data.resumable import ResumableDistributedSampler, ResumableLoader, ShuffleSampler
 from shared.data.samplers import MPerClassSampler, check_m_per_class
 from shared.data.shards import ShardStore, build_shard_store, check_shard_settings
 from shared.data.store import ImageStore, build_store
+from shared.data.streaming import build_train_store, check_stream, streaming_train_loader
 
 # memmap: raw pixels, fastest reads; shards: encoded litdata chunks, for data beyond one disk.
 STORE_KINDS = ("memmap", "shards")
@@ -61,26 +62,6 @@ class StoreDataset(Dataset):
 
 def _as_batch(batch):
     return batch
-
-
-class TransformBatch:
-    """Train-loader collate: replaces a batch's uint8 `images` by `views = transform(images)`.
-
-    Runs where the batch is fetched, so in each loader worker (each with one torch thread)
-    or in the main process at `num_workers=0`.
-    """
-
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, batch: dict) -> dict:
-        batch = dict(batch)
-        images, sizes = batch.pop("images"), batch.pop("sizes", None)
-        # `sizes` only with whole images (a shard store): a transform for squares needs none
-        batch["views"] = (
-            self.transform(images) if sizes is None else self.transform(images, sizes=sizes)
-        )
-        return batch
 
 
 def split_indices(
@@ -209,10 +190,12 @@ class StoreDataModule(LightningDataModule):
         shard_quality: int = 90,
         shard_chunk_bytes: str = "64MB",
         shard_workers: int | None = None,
+        stream: bool = False,
     ) -> None:
         super().__init__()
         if store_kind not in STORE_KINDS:
             raise ValueError(f"data.store_kind={store_kind!r} is not one of {STORE_KINDS}")
+        check_stream(stream, store_kind, m_per_class)
         if store_kind == "shards":
             check_shard_settings(image_size, shard_shorter_side, shard_format, shard_quality)
         require_int("data.image_size", image_size, 1)
@@ -234,7 +217,9 @@ class StoreDataModule(LightningDataModule):
             shorter_side=shard_shorter_side, fmt=shard_format, quality=shard_quality,
             chunk_bytes=shard_chunk_bytes, workers=shard_workers,
         )  # fmt: skip
+        self.stream = stream
         self.store: ImageStore | ShardStore | None = None
+        self.train_store: ShardStore | None = None  # the train rows' own shards, to stream
         self.train_indices = self.val_indices = self.test_indices = None
         self.train_batch_transform = None
 
@@ -264,6 +249,10 @@ class StoreDataModule(LightningDataModule):
         if self.store is None:
             self.store = self._build()
             self.train_indices, self.val_indices, self.test_indices = self.make_splits()
+        if self.stream and self.train_store is None and stage in (None, "fit"):
+            self.train_store = build_train_store(
+                self.store, self.train_indices, self.shards["chunk_bytes"], self.shards["workers"]
+            )
 
     def make_splits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return split_indices(
@@ -315,6 +304,12 @@ class StoreDataModule(LightningDataModule):
         return ShuffleSampler(range(dataset_size))
 
     def train_dataloader(self) -> DataLoader:
+        if self.stream:  # litdata's loader over the train rows' shards (shared.data.streaming)
+            return streaming_train_loader(
+                self.train_store, self.batch_size, self.num_workers, self.seed,
+                self.drop_last and len(self.train_store) >= self.batch_size,
+                self.train_batch_transform, self.pin_memory,
+            )  # fmt: skip
         return self._loader(
             self.train_indices,
             self.batch_size,

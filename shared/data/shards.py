@@ -180,16 +180,13 @@ class ShardImages:
         """The stored images of `rows`, upright RGB at their own aspect and size: uint8
         [3, h, w] each (what random-resized crops are drawn over, as in the official DINO
         recipe, rather than the centre square)."""
-        out = []
-        for row in torch.as_tensor(np.asarray(rows), dtype=torch.int64).reshape(-1).tolist():
-            image = decode_whole(io.BytesIO(self._bytes(row)), None, formats=self._formats())
-            out.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
-        return out
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64).reshape(-1).tolist()
+        return [decode_shard_whole(self._bytes(row), self.store.meta["format"]) for row in rows]
 
     def _read(self, row: int) -> torch.Tensor:
-        data = self._bytes(row)
-        pixels = decode_image(io.BytesIO(data), self.store.image_size, formats=self._formats())
-        return torch.from_numpy(pixels).permute(2, 0, 1)
+        return decode_shard_image(
+            self._bytes(row), self.store.image_size, self.store.meta["format"]
+        )
 
     def _bytes(self, row: int) -> bytes:
         """The encoded image of `row`, as stored."""
@@ -205,9 +202,25 @@ class ShardImages:
                 f"reading row {row} of the shard store {self.store.path} failed: {problem or exc}"
             ) from exc
 
-    def _formats(self) -> tuple[str, ...]:
-        fmt = self.store.meta["format"]
-        return KEPT_FORMATS if fmt == KEEP else (FORMATS[fmt][0],)
+
+def shard_formats(fmt: str) -> tuple[str, ...]:
+    """The PIL decoders a store of `data.shard_format=fmt` may need (no others are tried)."""
+    return KEPT_FORMATS if fmt == KEEP else (FORMATS[fmt][0],)
+
+
+def decode_shard_image(data: bytes, image_size: int, fmt: str) -> torch.Tensor:
+    """One stored image's bytes -> the evaluation view: uint8 [3, S, S], shorter side resized
+    to S, centre crop."""
+    pixels = decode_image(io.BytesIO(data), image_size, formats=shard_formats(fmt))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def decode_shard_whole(data: bytes, fmt: str) -> torch.Tensor:
+    """One stored image's bytes -> the whole image as stored, upright RGB at its own aspect:
+    uint8 [3, h, w] (what training crops from; the random-access reads and the streaming
+    loader both decode here)."""
+    image = decode_whole(io.BytesIO(data), None, formats=shard_formats(fmt))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def build_shard_store(
@@ -246,8 +259,7 @@ def build_shard_store(
     def write(tmp: Path) -> None:
         encode = _EncodeRows(source, shorter_side, fmt, quality)
         stored = _optimize(encode, tmp, chunk_bytes, workers, start_method)
-        order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
-        rows = [stored[i] for i in order]
+        rows, found = read_back(tmp, stored)
         meta = {
             "key": key,
             "kind": "shards",
@@ -257,10 +269,7 @@ def build_shard_store(
             "quality": quality,
             "source": {k: v for k, v in description.items() if k != "files"},
             **_row_meta(source, rows),
-            "samples": order.tolist(),
-            "checksums": {
-                f.name: {"size": f.stat().st_size, **file_digests(f)} for f in _data_files(tmp)
-            },
+            **found,
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
@@ -348,19 +357,34 @@ class _EncodeRows:
 
 
 def _optimize(encode, tmp, chunk_bytes, workers, start_method):
-    """Write the chunks into `tmp` with litdata; the source rows they hold, in order.
+    """Write the chunks of `encode.source` into `tmp`; the source rows they hold, in sample
+    order, less the corrupt files (an error unless the source skips them)."""
+    source = encode.source
+    n = len(source)
+    log.info("Encoding %d images into litdata shards in %s", n, tmp)
+    rows = write_chunks(encode, n, tmp, chunk_bytes, workers, start_method)
+    bad = sorted(set(range(n)) - set(rows))
+    if bad:
+        if not source.skip_corrupt:
+            raise source.corrupt_error(bad)
+        if len(bad) == n:
+            raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
+        log.warning("Skipped %d corrupt image(s), e.g. %s", len(bad), bad[:5])
+    return rows
+
+
+def write_chunks(fn, n: int, tmp: Path, chunk_bytes, workers, start_method) -> list[int]:
+    """`litdata.optimize` of `fn` over rows 0..n-1 (lists of `ROWS_PER_TASK`; each sample
+    names its `row`) into `tmp`: the rows the chunks hold, in sample order.
 
     By default worker processes are spawned: a forked child of a process whose OpenMP pool
     has several threads can hang in its first torch op (a synthetic render)."""
     import litdata
 
-    source = encode.source
-    n = len(source)
     tasks = [list(range(i, min(n, i + ROWS_PER_TASK))) for i in range(0, n, ROWS_PER_TASK)]
-    log.info("Encoding %d images into litdata shards in %s", n, tmp)
     with _rng_kept():
         litdata.optimize(
-            fn=encode,
+            fn=fn,
             inputs=tasks,
             output_dir=str(tmp),
             chunk_bytes=chunk_bytes,
@@ -372,15 +396,16 @@ def _optimize(encode, tmp, chunk_bytes, workers, start_method):
             verbose=False,  # its progress lines advertise a cloud service; ours are logged
             start_method=start_method,
         )
-    rows = _stored_rows(tmp)
-    bad = sorted(set(range(n)) - set(rows))
-    if bad:
-        if not source.skip_corrupt:
-            raise source.corrupt_error(bad)
-        if len(bad) == n:
-            raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
-        log.warning("Skipped %d corrupt image(s), e.g. %s", len(bad), bad[:5])
-    return rows
+    return _stored_rows(tmp)
+
+
+def read_back(tmp: Path, stored: list[int]) -> tuple[list[int], dict]:
+    """The rows the chunks in `tmp` hold, in row order, and the meta.json entries that find
+    them (per row, the sample holding it: workers write in no fixed order) and verify them
+    (`shard_damage`)."""
+    order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
+    checksums = {f.name: {"size": f.stat().st_size, **file_digests(f)} for f in _data_files(tmp)}
+    return [stored[i] for i in order], {"samples": order.tolist(), "checksums": checksums}
 
 
 @contextlib.contextmanager
