@@ -83,9 +83,10 @@ class OnlineProbeCallback(EmbeddingCallback):
             self._pending = None
 
     def features(self, trainer, pl_module, batch) -> torch.Tensor:
-        """`embed` of the batch's uint8 images (from the store when the loader sent views)."""
+        """`embed` of the batch's uint8 images (the store's evaluation squares when the loader
+        sent views or whole images padded into a batch)."""
         images = batch.get("images")
-        if images is None:
+        if images is None or "sizes" in batch:
             rows = batch["index"].cpu()
             images = trainer.datamodule.store.images[rows].to(pl_module.device)
         with eval_mode(pl_module), torch.no_grad():

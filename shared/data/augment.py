@@ -63,8 +63,8 @@ def _on_subset(x: torch.Tensor, apply: torch.Tensor, fn) -> torch.Tensor:
 
 def random_resized_crop_boxes(
     n: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale=(0.08, 1.0),
     ratio=(3 / 4, 4 / 3),
     device=None,
@@ -73,11 +73,16 @@ def random_resized_crop_boxes(
 ) -> torch.Tensor:
     """Per-image crop boxes [n, 4] (x1, y1, x2, y2) like RandomResizedCrop.
 
-    Area fraction ~ U(scale), log aspect ~ U(log ratio); boxes that do not fit are shrunk to
-    fit instead of re-drawn (a vectorised stand-in for torchvision's 10 tries). Whole pixels
-    (int64, torchvision's boxes): sides rounded, the position uniform over the places the box
-    fits. Otherwise (float32, same draws): sides and position continuous, for `subpixel_crops`.
+    Area fraction ~ U(scale) of each image's own area, log aspect ~ U(log ratio); boxes that
+    do not fit are shrunk to fit instead of re-drawn (a vectorised stand-in for torchvision's
+    10 tries). `height` / `width`: one size for all, or [n] tensors, each image its own (whole
+    images at their own aspect, padded into one batch). Whole pixels (int64, torchvision's
+    boxes): sides rounded, the position uniform over the places the box fits. Otherwise
+    (float32, same draws): sides and position continuous, for `subpixel_crops`.
     """
+    height, width = (
+        torch.as_tensor(v, dtype=torch.float32, device=device) for v in (height, width)
+    )
     area = height * width
     u = torch.rand(n, 3, device=device, generator=generator)
     target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
@@ -86,10 +91,11 @@ def random_resized_crop_boxes(
     w, h = torch.sqrt(target * aspect), torch.sqrt(target / aspect)
     pos = torch.rand(n, 2, device=device, generator=generator)
     if not whole_pixels:
-        w, h = w.clamp(max=width), h.clamp(max=height)
+        w, h = torch.minimum(w, width), torch.minimum(h, height)
         x1, y1 = pos[:, 0] * (width - w), pos[:, 1] * (height - h)
         return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
-    w, h = w.round().clamp(1, width), h.round().clamp(1, height)
+    w = torch.minimum(w.round().clamp(min=1), width)
+    h = torch.minimum(h.round().clamp(min=1), height)
     x1 = torch.minimum((pos[:, 0] * (width - w + 1)).floor(), width - w)
     y1 = torch.minimum((pos[:, 1] * (height - h + 1)).floor(), height - h)
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).long()
@@ -142,6 +148,51 @@ def subpixel_crops(
     if flip is not None and bool(flip.any()):
         y = torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
     return y
+
+
+def image_sizes(images: torch.Tensor, sizes: torch.Tensor | None):
+    """(heights, widths) to draw crop boxes in: the batch's H, W, or per image from `sizes`."""
+    if sizes is None:
+        return images.shape[2], images.shape[3]
+    sizes = torch.as_tensor(sizes, device=images.device)
+    return sizes[:, 0], sizes[:, 1]
+
+
+def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [3, h_i, w_i] of different sizes -> (one batch [B, 3, H, W], sizes [B, 2]).
+
+    Each image sits top-left, its last row and column repeated into the padding: a crop box
+    inside the image then samples exactly what it would from the image alone, even where
+    bilinear sampling at the border reaches one pixel past it (roi_align clamps there too)."""
+    sizes = torch.tensor([img.shape[1:] for img in images], dtype=torch.int64)
+    height, width = sizes.max(0).values.tolist()
+    out = images[0].new_empty(len(images), images[0].shape[0], height, width)
+    for i, img in enumerate(images):
+        h, w = img.shape[1:]
+        out[i, :, :h, :w] = img
+        out[i, :, h:, :w] = img[:, h - 1 : h, :]
+        out[i, :, :, w:] = out[i, :, :, w - 1 : w]
+    return out, sizes
+
+
+class TransformBatch:
+    """Train-loader collate: replaces a batch's uint8 `images` by `views = transform(images)`.
+
+    Runs where the batch is fetched, so in each loader worker (each with one torch thread)
+    or in the main process at `num_workers=0`.
+    """
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        batch = dict(batch)
+        images, sizes = batch.pop("images"), batch.pop("sizes", None)
+        # `sizes` only with whole images (a shard store): a transform for squares needs none
+        batch["views"] = (
+            self.transform(images) if sizes is None else self.transform(images, sizes=sizes)
+        )
+        return batch
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
@@ -283,8 +334,8 @@ class ViewDraw:
 
 def draw_view(
     b: int,
-    h: int,
-    w: int,
+    h: int | torch.Tensor,
+    w: int | torch.Tensor,
     scale,
     flip_p: float,
     jitter_p: float,
@@ -295,7 +346,8 @@ def draw_view(
     device=None,
     generator=None,
 ) -> ViewDraw:
-    """All random choices (a `ViewDraw`) of one view for b images of h x w pixels.
+    """All random choices (a `ViewDraw`) of one view for b images of h x w pixels (ints, or
+    [b] tensors: each image its own size).
 
     grayscale_p None draws no grayscale flags; a zero blur_p / solarize_p draws nothing for
     that step. One generator state therefore gives one set of views.
@@ -378,10 +430,14 @@ class MultiCrop:
         self.grayscale_p, self.mean, self.std = grayscale_p, mean, std
         self.n_global = 2
 
-    def view(self, src: torch.Tensor, recipe: ViewRecipe, generator=None) -> torch.Tensor:
-        """One view of a batch `src` [B, 3, H, W], uint8 or float in [0, 1]."""
+    def view(
+        self, src: torch.Tensor, recipe: ViewRecipe, generator=None, sizes=None
+    ) -> torch.Tensor:
+        """One view of a batch `src` [B, 3, H, W], uint8 or float in [0, 1]; `sizes` [B, 2]:
+        each image's (h, w) in the top-left of a padded batch (None: all H x W)."""
+        h, w = image_sizes(src, sizes)
         d = draw_view(
-            src.shape[0], src.shape[2], src.shape[3], recipe.scale, self.flip_p,
+            src.shape[0], h, w, recipe.scale, self.flip_p,
             self.jitter_p, self.grayscale_p, recipe.blur_p, recipe.solarize_p,
             whole_pixels=not self.subpixel_boxes, device=src.device, generator=generator,
         )  # fmt: skip
@@ -390,11 +446,11 @@ class MultiCrop:
         )
 
     @no_autocast
-    def __call__(self, images: torch.Tensor, generator=None) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor, generator=None, sizes=None) -> list[torch.Tensor]:
         # uint8 on the CPU: cropped in uint8 (channels-last once for all views, the fast
         # path), then made float. Elsewhere float first (CUDA has no uint8 antialiased resize).
         src = _fast_layout(images) if images.device.type == "cpu" else to_float(images)
-        return [self.view(src, r, generator) for r in self.views]
+        return [self.view(src, r, generator, sizes) for r in self.views]
 
 
 class EvalTransform:
@@ -430,9 +486,9 @@ class TrainTransform:
         self.jitter, self.jitter_p, self.mean, self.std = tuple(jitter), jitter_p, mean, std
 
     @no_autocast
-    def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        b, _, h, w = images.shape
-        d = draw_view(b, h, w, self.scale, self.flip_p, self.jitter_p, None,
+    def __call__(self, images: torch.Tensor, generator=None, sizes=None) -> torch.Tensor:
+        h, w = image_sizes(images, sizes)
+        d = draw_view(images.shape[0], h, w, self.scale, self.flip_p, self.jitter_p, None,
                       device=images.device, generator=generator)  # fmt: skip
         src = _fast_layout(images) if images.device.type == "cpu" else to_float(images)
         return apply_view(src, d, self.size, self.jitter, self.mean, self.std)

@@ -1,7 +1,9 @@
 """LightningDataModule over an image store: index splits, uint8 batches, no per-sample work.
 
 Batches are dicts `{"images": uint8 [B,3,S,S], "labels": int64 [B], "index": int64 [B]}`
-where `index` is the store row, so evaluators can de-duplicate what DDP samplers pad.
+where `index` is the store row, so evaluators can de-duplicate what DDP samplers pad. A
+shard store's train batches hold its whole images instead, each at its own aspect, padded to
+one tensor, with `"sizes": int64 [B, 2]` (h, w): crops are drawn over the whole image.
 Augmentation is the LightningModule's: on the device after transfer, or, when the module
 hands its batch transform over (`set_train_batch_transform`), inside the train loader, so
 `num_workers` processes augment whole batches in parallel (`images` becomes `views`).
@@ -16,11 +18,13 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from shared.config import require_int
+from shared.data.augment import TransformBatch, pad_images
 from shared.data.object_store import is_s3
 from shared.data.resumable import ResumableDistributedSampler, ResumableLoader, ShuffleSampler
 from shared.data.samplers import MPerClassSampler, check_m_per_class
 from shared.data.shards import ShardStore, build_shard_store, check_shard_settings
 from shared.data.store import ImageStore, build_store
+from shared.data.streaming import build_train_store, check_stream, streaming_train_loader
 
 # memmap: raw pixels, fastest reads; shards: encoded litdata chunks, for data beyond one disk.
 STORE_KINDS = ("memmap", "shards")
@@ -28,10 +32,14 @@ STORE_KINDS = ("memmap", "shards")
 
 class StoreDataset(Dataset):
     """Rows `indices` of a store; `__getitems__` fetches a whole batch in one memmap gather
-    (or, from a shard store, decodes it where it is fetched: in the loader worker)."""
+    (or, from a shard store, decodes it where it is fetched: in the loader worker).
 
-    def __init__(self, store: ImageStore, indices: np.ndarray) -> None:
-        self.store = store
+    `whole`: the images as stored, each at its own aspect (a shard store's train reads),
+    padded into one batch with their `sizes` [B, 2] (h, w), so the augmentation crops boxes
+    over the whole image; otherwise the store's centre squares (evaluation)."""
+
+    def __init__(self, store: ImageStore, indices: np.ndarray, whole: bool = False) -> None:
+        self.store, self.whole = store, whole
         self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -39,11 +47,14 @@ class StoreDataset(Dataset):
 
     def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         rows = self.indices[torch.as_tensor(positions)]
-        return {
-            "images": self.store.images[rows],
-            "labels": self.store.labels[rows],
-            "index": rows,
-        }
+        if not self.whole:
+            return {
+                "images": self.store.images[rows],
+                "labels": self.store.labels[rows],
+                "index": rows,
+            }
+        images, sizes = pad_images(self.store.images.whole(rows))
+        return {"images": images, "labels": self.store.labels[rows], "index": rows, "sizes": sizes}
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([position])
@@ -52,22 +63,6 @@ class StoreDataset(Dataset):
 
 def _as_batch(batch):
     return batch
-
-
-class TransformBatch:
-    """Train-loader collate: replaces a batch's uint8 `images` by `views = transform(images)`.
-
-    Runs where the batch is fetched, so in each loader worker (each with one torch thread)
-    or in the main process at `num_workers=0`.
-    """
-
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, batch: dict) -> dict:
-        batch = dict(batch)
-        batch["views"] = self.transform(batch.pop("images"))
-        return batch
 
 
 def split_indices(
@@ -199,6 +194,7 @@ class StoreDataModule(LightningDataModule):
         s3_endpoint: str | None = None,
         s3_cache_dir: str | None = None,
         s3_cache_size: str | None = "25GB",
+        stream: bool = False,
     ) -> None:
         super().__init__()
         if store_kind not in STORE_KINDS:
@@ -208,6 +204,7 @@ class StoreDataModule(LightningDataModule):
                 f"data.store_root / data.store_path {store_path or store_root!r} is in object "
                 f"storage, which only data.store_kind=shards supports (got {store_kind!r})"
             )
+        check_stream(stream, store_kind, m_per_class)
         if store_kind == "shards":
             check_shard_settings(image_size, shard_shorter_side, shard_format, shard_quality)
         require_int("data.image_size", image_size, 1)
@@ -230,7 +227,9 @@ class StoreDataModule(LightningDataModule):
             chunk_bytes=shard_chunk_bytes, workers=shard_workers, s3_endpoint=s3_endpoint,
             s3_cache_dir=s3_cache_dir, s3_cache_size=s3_cache_size,
         )  # fmt: skip
+        self.stream = stream
         self.store: ImageStore | ShardStore | None = None
+        self.train_store: ShardStore | None = None  # the train rows' own shards, to stream
         self.train_indices = self.val_indices = self.test_indices = None
         self.train_batch_transform = None
 
@@ -260,6 +259,10 @@ class StoreDataModule(LightningDataModule):
         if self.store is None:
             self.store = self._build()
             self.train_indices, self.val_indices, self.test_indices = self.make_splits()
+        if self.stream and self.train_store is None and stage in (None, "fit"):
+            self.train_store = build_train_store(
+                self.store, self.train_indices, self.shards["chunk_bytes"], self.shards["workers"]
+            )
 
     def make_splits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return split_indices(
@@ -281,11 +284,15 @@ class StoreDataModule(LightningDataModule):
         self, indices, batch_size: int, drop_last: bool, transform=None, sampler=None
     ) -> DataLoader:
         """A loader over `indices` in order; with a `sampler`, a train loader whose place in
-        the epoch goes into checkpoints."""
+        the epoch goes into checkpoints, and which reads a shard store's whole images."""
         if len(indices) == 0:
             raise ValueError("cannot build a dataloader over an empty split")
         return (DataLoader if sampler is None else ResumableLoader)(
-            StoreDataset(self.store, indices),
+            StoreDataset(
+                self.store,
+                indices,
+                whole=sampler is not None and isinstance(self.store, ShardStore),
+            ),
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last and len(indices) >= batch_size,
@@ -307,6 +314,12 @@ class StoreDataModule(LightningDataModule):
         return ShuffleSampler(range(dataset_size))
 
     def train_dataloader(self) -> DataLoader:
+        if self.stream:  # litdata's loader over the train rows' shards (shared.data.streaming)
+            return streaming_train_loader(
+                self.train_store, self.batch_size, self.num_workers, self.seed,
+                self.drop_last and len(self.train_store) >= self.batch_size,
+                self.train_batch_transform, self.pin_memory,
+            )  # fmt: skip
         return self._loader(
             self.train_indices,
             self.batch_size,

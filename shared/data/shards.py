@@ -2,9 +2,9 @@
 
 The memory-mapped store (`shared.data.store`) keeps raw pixels: fastest to read, but N x 3 x
 S x S bytes, which stops fitting on one disk long before a real catalogue does. This store
-keeps each image encoded (JPEG, or lossless PNG / WebP) at its own aspect, shorter side
-`shorter_side`, written once by `litdata.optimize` into chunk files that a
-`litdata.StreamingDataset` reads locally today and from object storage later.
+keeps each image encoded at its own aspect: the file as given (`keep`: JPEG, PNG or WebP
+files), or re-encoded (JPEG, or lossless PNG / WebP) at shorter side `shorter_side`, written
+once by `litdata.optimize` into chunk files that a `litdata.StreamingDataset` reads.
 
 Layout of a store directory:
 
@@ -19,10 +19,11 @@ here, then uploaded with meta.json last and checked against the bucket's listing
 (`shared.data.object_store`).
 
 Rows are the source's rows in order (less any skipped corrupt file), so labels, ids and
-groups, hence every split and fold, are those of the memmap store of the same source. For
-now a read gives what the memmap store gives: a centre-cropped uint8 square of
-`image_size`. The key, build lock, atomic publish and verify-before-reuse are the memmap
-store's (`build_keyed`).
+groups, hence every split and fold, are those of the memmap store of the same source.
+Indexing `store.images` gives what the memmap store gives, a uint8 square of `image_size`
+(shorter side resized to it, centre crop: the evaluation view); `store.images.whole(rows)`
+gives the stored images at their own aspect, which training crops from. The key, build
+lock, atomic publish and verify-before-reuse are the memmap store's (`build_keyed`).
 """
 
 from __future__ import annotations
@@ -67,13 +68,23 @@ log = logging.getLogger(__name__)
 SHARD_VERSION = 1
 # data.shard_format -> (PIL format, lossless); lossy formats take data.shard_quality.
 FORMATS = {"jpeg": ("JPEG", False), "png": ("PNG", True), "webp": ("WEBP", True)}
+# data.shard_format=keep: image files stored byte for byte, if PIL reads them as one of these.
+KEEP, KEPT_FORMATS = "keep", ("JPEG", "PNG", "WEBP")
+SHARD_FORMATS = (*FORMATS, KEEP)
 ROWS_PER_TASK = 64  # rows one optimize call decodes together (synthetic renders in batches)
 
 
 def check_shard_settings(image_size: int, shorter_side: int | None, fmt: str, quality: int):
     """ValueError naming the key unless the settings make a store `image_size` reads from."""
-    if fmt not in FORMATS:
-        raise ValueError(f"data.shard_format={fmt!r} is not one of {sorted(FORMATS)}")
+    if fmt not in SHARD_FORMATS:
+        raise ValueError(f"data.shard_format={fmt!r} is not one of {list(SHARD_FORMATS)}")
+    if fmt == KEEP:
+        if shorter_side is not None:
+            raise ValueError(
+                f"data.shard_shorter_side={shorter_side} re-encodes the images, but "
+                "data.shard_format=keep stores the files as given: set one of them differently"
+            )
+        return
     if not FORMATS[fmt][1] and not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ValueError(f"data.shard_quality={quality!r} must be an integer in 1..100")
     if shorter_side is not None and (not isinstance(shorter_side, int) or shorter_side < 1):
@@ -171,8 +182,9 @@ class ShardStore:
 
 class ShardImages:
     """`store.images`: indexed like the memmap tensor (an int, a slice, rows), it reads and
-    decodes those rows: uint8 [n, 3, S, S]. Each process opens its own StreamingDataset on
-    first use, so a DataLoader's workers decode in parallel."""
+    decodes those rows: uint8 [n, 3, S, S]; `whole(rows)` decodes them as stored. Each
+    process opens its own StreamingDataset on first use, so a DataLoader's workers decode in
+    parallel."""
 
     def __init__(self, store: ShardStore) -> None:
         self.store = store
@@ -199,20 +211,31 @@ class ShardImages:
             return torch.empty(0, *self.shape[1:], dtype=torch.uint8)
         return torch.stack([self._read(int(r)) for r in rows])
 
+    def whole(self, rows) -> list[torch.Tensor]:
+        """The stored images of `rows`, upright RGB at their own aspect and size: uint8
+        [3, h, w] each (what random-resized crops are drawn over, as in the official DINO
+        recipe, rather than the centre square)."""
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64).reshape(-1).tolist()
+        return [decode_shard_whole(self._bytes(row), self.store.meta["format"]) for row in rows]
+
     def _read(self, row: int) -> torch.Tensor:
+        return decode_shard_image(
+            self._bytes(row), self.store.image_size, self.store.meta["format"]
+        )
+
+    def _bytes(self, row: int) -> bytes:
+        """The encoded image of `row`, as stored."""
         if not -len(self) <= row < len(self):
             raise IndexError(f"row {row} is out of range for {len(self)} images")
         if self._pid != os.getpid():  # new, or copied into a forked loader worker
             self._dataset, self._pid = open_streaming(self.store.path), os.getpid()
         try:
-            data = self._sample(self.store.samples[row])["image"]
-            pixels = decode_image(io.BytesIO(data), self.store.image_size, formats=self._formats())
+            return self._sample(self.store.samples[row])["image"]
         except Exception as exc:  # a cut-short, missing or overwritten chunk
             problem = self.store.damage()
             raise RuntimeError(
                 f"reading row {row} of the shard store {self.store.path} failed: {problem or exc}"
             ) from exc
-        return torch.from_numpy(pixels).permute(2, 0, 1)
 
     def _sample(self, index: int) -> dict:
         """litdata's sample `index`. From a bucket it is read as a slice, which makes
@@ -222,8 +245,25 @@ class ShardImages:
             return self._dataset[index : index + 1][0]
         return self._dataset[index]
 
-    def _formats(self) -> tuple[str]:
-        return (FORMATS[self.store.meta["format"]][0],)
+
+def shard_formats(fmt: str) -> tuple[str, ...]:
+    """The PIL decoders a store of `data.shard_format=fmt` may need (no others are tried)."""
+    return KEPT_FORMATS if fmt == KEEP else (FORMATS[fmt][0],)
+
+
+def decode_shard_image(data: bytes, image_size: int, fmt: str) -> torch.Tensor:
+    """One stored image's bytes -> the evaluation view: uint8 [3, S, S], shorter side resized
+    to S, centre crop."""
+    pixels = decode_image(io.BytesIO(data), image_size, formats=shard_formats(fmt))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def decode_shard_whole(data: bytes, fmt: str) -> torch.Tensor:
+    """One stored image's bytes -> the whole image as stored, upright RGB at its own aspect:
+    uint8 [3, h, w] (what training crops from; the random-access reads and the streaming
+    loader both decode here)."""
+    image = decode_whole(io.BytesIO(data), None, formats=shard_formats(fmt))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def build_shard_store(
@@ -243,7 +283,8 @@ def build_shard_store(
     s3_cache_size: str | None = None,
 ) -> ShardStore:
     """Open the shard store for (source, shorter side, format), building it first if needed;
-    it reads at `image_size`. `shorter_side` None: `image_size`. `workers`: optimize
+    it reads at `image_size`. `shorter_side` None: `image_size` (with `fmt="keep"`, the
+    files' own sizes). `workers`: optimize
     processes (None: one per CPU), started by `start_method` (None: litdata's, spawn; fork
     saves seconds where torch runs one thread, as in the tests). `path` pins the directory
     as for `build_store`. A `root` or `path` of `s3://bucket/prefix` keeps the store in that
@@ -252,8 +293,13 @@ def build_shard_store(
     default), at most `s3_cache_size` (e.g. "25GB")."""
     check_source(source)
     check_shard_settings(image_size, shorter_side, fmt, quality)
-    shorter_side = shorter_side or image_size
-    quality = None if FORMATS[fmt][1] else quality
+    if fmt == KEEP and not isinstance(source, FileSource):
+        raise ValueError(
+            f"data.shard_format=keep stores image files as given, but the data source "
+            f"({type(source).__name__}) has no files: pick jpeg, png or webp"
+        )
+    shorter_side = None if fmt == KEEP else shorter_side or image_size
+    quality = None if fmt == KEEP or FORMATS[fmt][1] else quality
     description = source.describe()
     settings = {"shard_format": fmt, "shard_quality": quality, "shard_version": SHARD_VERSION}
     key = store_key(description, shorter_side, store_kind="shards", **settings)
@@ -263,8 +309,7 @@ def build_shard_store(
             raise ValueError(f"data source {description.get('kind')} has no images")
         encode = _EncodeRows(source, shorter_side, fmt, quality)
         stored = _optimize(encode, tmp, chunk_bytes, workers, start_method)
-        order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
-        rows = [stored[i] for i in order]
+        rows, found = read_back(tmp, stored)
         meta = {
             "key": key,
             "kind": "shards",
@@ -274,11 +319,7 @@ def build_shard_store(
             "quality": quality,
             "source": {k: v for k, v in description.items() if k != "files"},
             **_row_meta(source, rows),
-            "samples": order.tolist(),
-            "checksums": {
-                f.name: {"size": f.stat().st_size, **file_digests(f), "md5": _md5(f)}
-                for f in _data_files(tmp)
-            },
+            **found,
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
@@ -357,13 +398,14 @@ class _EncodeRows:
         self.columns = columns
 
     def __call__(self, rows: list[int]):
-        for row, image in zip(rows, self._images(rows)):
+        images = self._files(rows) if self.fmt == KEEP else map(self._encode, self._images(rows))
+        for row, image in zip(rows, images):
             if image is None:
                 continue
             yield {
                 "row": row,
                 **{k: v[row] for k, v in self.columns.items()},
-                "image": self._encode(image),
+                "image": image,
             }
 
     def _images(self, rows: list[int]) -> list:
@@ -389,7 +431,25 @@ class _EncodeRows:
         good = iter(images.permute(0, 2, 3, 1).numpy())
         return [None if row in bad else Image.fromarray(next(good)) for row in rows]
 
-    def _encode(self, image) -> bytes:
+    def _files(self, rows: list[int]) -> list[bytes | None]:
+        """Each row's file bytes as given; None where PIL cannot decode it as JPEG / PNG /
+        WebP (the build then names the file)."""
+        from PIL import Image
+
+        out = []
+        for row in rows:
+            data = Path(self.source.paths[row]).read_bytes()
+            try:
+                with Image.open(io.BytesIO(data), formats=KEPT_FORMATS) as img:
+                    img.load()  # a truncated file fails here, at the build
+            except Exception:  # PIL raises several types for bad files
+                data = None
+            out.append(data)
+        return out
+
+    def _encode(self, image) -> bytes | None:
+        if image is None:
+            return None
         pil_format, lossless = FORMATS[self.fmt]
         buffer = io.BytesIO()
         options = {"lossless": True} if self.fmt == "webp" else {}
@@ -400,19 +460,34 @@ class _EncodeRows:
 
 
 def _optimize(encode, tmp, chunk_bytes, workers, start_method):
-    """Write the chunks into `tmp` with litdata; the source rows they hold, in order.
+    """Write the chunks of `encode.source` into `tmp`; the source rows they hold, in sample
+    order, less the corrupt files (an error unless the source skips them)."""
+    source = encode.source
+    n = len(source)
+    log.info("Encoding %d images into litdata shards in %s", n, tmp)
+    rows = write_chunks(encode, n, tmp, chunk_bytes, workers, start_method)
+    bad = sorted(set(range(n)) - set(rows))
+    if bad:
+        if not source.skip_corrupt:
+            raise source.corrupt_error(bad)
+        if len(bad) == n:
+            raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
+        log.warning("Skipped %d corrupt image(s), e.g. %s", len(bad), bad[:5])
+    return rows
+
+
+def write_chunks(fn, n: int, tmp: Path, chunk_bytes, workers, start_method) -> list[int]:
+    """`litdata.optimize` of `fn` over rows 0..n-1 (lists of `ROWS_PER_TASK`; each sample
+    names its `row`) into `tmp`: the rows the chunks hold, in sample order.
 
     By default worker processes are spawned: a forked child of a process whose OpenMP pool
     has several threads can hang in its first torch op (a synthetic render)."""
     import litdata
 
-    source = encode.source
-    n = len(source)
     tasks = [list(range(i, min(n, i + ROWS_PER_TASK))) for i in range(0, n, ROWS_PER_TASK)]
-    log.info("Encoding %d images into litdata shards in %s", n, tmp)
     with _rng_kept():
         litdata.optimize(
-            fn=encode,
+            fn=fn,
             inputs=tasks,
             output_dir=str(tmp),
             chunk_bytes=chunk_bytes,
@@ -424,15 +499,19 @@ def _optimize(encode, tmp, chunk_bytes, workers, start_method):
             verbose=False,  # its progress lines advertise a cloud service; ours are logged
             start_method=start_method,
         )
-    rows = _stored_rows(tmp)
-    bad = sorted(set(range(n)) - set(rows))
-    if bad:
-        if not source.skip_corrupt:
-            raise source.corrupt_error(bad)
-        if len(bad) == n:
-            raise ValueError(f"all {n} images of the data source are corrupt: nothing to store")
-        log.warning("Skipped %d corrupt image(s), e.g. %s", len(bad), bad[:5])
-    return rows
+    return _stored_rows(tmp)
+
+
+def read_back(tmp: Path, stored: list[int]) -> tuple[list[int], dict]:
+    """The rows the chunks in `tmp` hold, in row order, and the meta.json entries that find
+    them (per row, the sample holding it: workers write in no fixed order) and verify them
+    (`shard_damage`)."""
+    order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
+    checksums = {
+        f.name: {"size": f.stat().st_size, **file_digests(f), "md5": _md5(f)}
+        for f in _data_files(tmp)
+    }
+    return [stored[i] for i in order], {"samples": order.tolist(), "checksums": checksums}
 
 
 @contextlib.contextmanager

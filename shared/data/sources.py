@@ -82,12 +82,13 @@ def decode_image(
 
 def decode_whole(
     path,
-    size: int,
+    size: int | None,
     formats: tuple[str, ...] | None = None,
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
 ):
     """Decode, turn upright (EXIF orientation), composite transparency on `background`,
-    resize the shorter side to `size` (bicubic), aspect kept: an RGB PIL image.
+    resize the shorter side to `size` (bicubic), aspect kept: an RGB PIL image (`size`
+    None: at the file's own size).
 
     A JPEG much larger than `size` is decoded at a reduced DCT scale (1/2, 1/4, 1/8), never
     below `size`: several times faster, and the resize that follows hides the difference.
@@ -96,11 +97,14 @@ def decode_whole(
 
     with Image.open(path, formats=formats) as img:
         full_size = img.size
-        drafted = img.draft("RGB", (size, size))  # None unless a reduced JPEG scale applies
+        # None unless a reduced JPEG scale applies
+        drafted = img.draft("RGB", (size, size)) if size is not None else None
         img.load()  # a truncated file fails here, not later in training
         box = drafted[1] if drafted else (0, 0, *img.size)
         img, box, full_size = _upright(img, box, full_size)
         img = _on_background(img, background)
+    if size is None:
+        return img
     w, h = full_size  # the resize is that of a full-scale decode
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

@@ -128,7 +128,7 @@ class MetricLearningModule(EmbeddingModule):
 
     def training_step(self, batch, batch_idx):
         hp = self.hparams
-        x = self.train_transform(batch["images"])
+        x = self.train_transform(batch["images"], sizes=batch.get("sizes"))
         labels = self.head_class[batch["labels"]]
         if (labels < 0).any():
             raise ValueError("a training batch holds a label outside module.train_labels")

@@ -133,7 +133,10 @@ class SSLMethod(EmbeddingModule):
 
     # ---- the step -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        views = batch["views"] if "views" in batch else self.augment(batch["images"])
+        if "views" in batch:
+            views = batch["views"]
+        else:  # `sizes`: whole images at their own aspect, padded into one batch (shards)
+            views = self.augment(batch["images"], sizes=batch.get("sizes"))
         n = views[0].shape[0]
         loss, extra = self.views_loss(views)
         if not math.isfinite(loss.item()):

@@ -477,3 +477,103 @@ def test_train_transform_equals_torchvision_ops_with_its_draws():
     for i in range(6):
         ref, _ = _torchvision_view(images, d, i, 16, tt.jitter, tt.mean, tt.std)
         torch.testing.assert_close(y[i], ref, atol=1e-3, rtol=0)
+
+
+# --- whole images of different sizes, padded into one batch -----------------------------
+
+
+def _images_of_sizes(sizes, seed: int = 0) -> list[torch.Tensor]:
+    return [(_rand(3, h, w, seed=seed + i) * 255).to(torch.uint8) for i, (h, w) in enumerate(sizes)]
+
+
+def _one(d: A.ViewDraw, i: int) -> A.ViewDraw:
+    """Image i's draws of a batch's ViewDraw."""
+    return A.ViewDraw(*(None if v is None else v[i : i + 1] for v in vars(d).values()))
+
+
+SIZES = [(20, 33), (41, 17), (26, 26), (18, 40), (30, 21)]
+
+
+def test_pad_images_repeats_the_last_row_and_column():
+    images = _images_of_sizes(SIZES)
+    batch, sizes = A.pad_images(images)
+    assert batch.shape == (5, 3, 41, 40) and sizes.tolist() == [list(s) for s in SIZES]
+    for img, padded, (h, w) in zip(images, batch, SIZES):
+        assert torch.equal(padded[:, :h, :w], img)
+        ref = torch.nn.functional.pad(img[None].float(), (0, 40 - w, 0, 41 - h), mode="replicate")
+        assert torch.equal(padded, ref[0].to(torch.uint8))
+
+
+def _reference_boxes(h, w, scale, ratio, seed: int) -> np.ndarray:
+    """Continuous boxes image by image in float64, from the same uniform draws."""
+    g = _gen(seed)
+    u, pos = torch.rand(len(h), 3, generator=g).double(), torch.rand(len(h), 2, generator=g)
+    out = []
+    for i in range(len(h)):
+        H, W = float(h[i]), float(w[i])
+        target = H * W * (scale[0] + (scale[1] - scale[0]) * float(u[i, 0]))
+        aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * float(u[i, 1]))
+        bw, bh = min(math.sqrt(target * aspect), W), min(math.sqrt(target / aspect), H)
+        x1, y1 = float(pos[i, 0]) * (W - bw), float(pos[i, 1]) * (H - bh)
+        out.append([x1, y1, x1 + bw, y1 + bh])
+    return np.array(out)
+
+
+def test_per_image_sizes_draw_boxes_inside_each_image():
+    """Sizes as [n] tensors: each box is drawn in its own image (against a per-image float64
+    reference), inside it; equal sizes draw exactly what one int size draws (so memmap
+    batches are unchanged)."""
+    n, scale, ratio = 2000, (0.2, 1.0), (3 / 4, 4 / 3)
+    h = torch.randint(16, 300, (n,), generator=_gen(1))
+    w = torch.randint(16, 300, (n,), generator=_gen(2))
+    cont = A.random_resized_crop_boxes(n, h, w, scale, ratio, generator=_gen(3),
+                                       whole_pixels=False)  # fmt: skip
+    ref = _reference_boxes(h, w, scale, ratio, seed=3)
+    np.testing.assert_allclose(cont.numpy(), ref, atol=2e-4 * 300, rtol=0)
+    exact = A.random_resized_crop_boxes(n, h, w, scale, ratio, generator=_gen(3))
+    x1, y1, x2, y2 = exact.unbind(1)
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all() and (y2 <= h).all()
+    assert (exact.float() - cont).abs().max() < 2.0  # sides rounded, corners floored
+    for whole in (True, False):
+        same = A.random_resized_crop_boxes(
+            n,
+            torch.full((n,), 50),
+            torch.full((n,), 70),
+            scale,
+            generator=_gen(3),
+            whole_pixels=whole,
+        )
+        one = A.random_resized_crop_boxes(n, 50, 70, scale, generator=_gen(3),
+                                          whole_pixels=whole)  # fmt: skip
+        assert torch.equal(same, one)
+
+
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_views_of_a_padded_batch_are_each_images_own(subpixel):
+    """Every step of every view of a padded batch equals that view of the image alone, with
+    the same draws: the padding never reaches a view."""
+    images = _images_of_sizes(SIZES, seed=20)
+    batch, sizes = A.pad_images(images)
+    mc = A.MultiCrop(16, 8, 2, subpixel_boxes=subpixel)
+    views = mc(batch, generator=_gen(4), sizes=sizes)
+    g = _gen(4)
+    for v, r in zip(views, mc.views):
+        d = A.draw_view(5, sizes[:, 0], sizes[:, 1], r.scale, mc.flip_p, mc.jitter_p,
+                        mc.grayscale_p, r.blur_p, r.solarize_p, whole_pixels=not subpixel,
+                        generator=g)  # fmt: skip
+        for i, img in enumerate(images):
+            src = A._fast_layout(img[None])
+            alone = A.apply_view(src, _one(d, i), r.size, mc.jitter, mc.mean, mc.std, subpixel)
+            torch.testing.assert_close(v[i : i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_train_transform_of_a_padded_batch_is_each_images_own():
+    images = _images_of_sizes(SIZES, seed=30)
+    batch, sizes = A.pad_images(images)
+    tt = A.TrainTransform(12)
+    out = tt(batch, generator=_gen(6), sizes=sizes)
+    d = A.draw_view(5, sizes[:, 0], sizes[:, 1], tt.scale, tt.flip_p, tt.jitter_p, None,
+                    generator=_gen(6))  # fmt: skip
+    for i, img in enumerate(images):
+        alone = A.apply_view(A._fast_layout(img[None]), _one(d, i), 12, tt.jitter, tt.mean, tt.std)
+        torch.testing.assert_close(out[i : i + 1], alone, atol=1e-5, rtol=0)

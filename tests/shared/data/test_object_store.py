@@ -318,3 +318,31 @@ def test_both_pipelines_train_from_a_bucket_as_from_local_shards(pipeline, s3_en
     assert metrics["s3"] == metrics["local"] and metrics["local"]
     assert "meta.json" in str(_objects(s3_env, f"cli-{pipeline}"))
     assert list((tmp_path / "s3" / "data" / "s3_cache").rglob("chunk-*.bin"))
+
+
+def test_a_bucket_store_streams_its_train_rows_from_the_bucket(local, s3_env, tmp_path):
+    """data.stream over a bucket store: the train rows' copy is published beside it in the
+    bucket, and one streamed epoch (2 loader workers, through the cache) holds every train
+    row once, with the local store's pixels."""
+    from shared.data.datamodule import StoreDataModule
+    from shared.data.streaming import build_train_store, streaming_train_loader
+
+    source, reference = local
+    store = build_shard_store(source, "s3://stores/streamed", **_kw(tmp_path))
+    dm = StoreDataModule(
+        source, "s3://stores/streamed", S, batch_size=4, val_fraction=0.3, test_fraction=0.0,
+        store_kind="shards", shard_format="png",
+    )  # fmt: skip
+    dm.store = store
+    train_rows = dm.make_splits()[0]
+    train = build_train_store(store, train_rows, "2kB", workers=1, start_method="fork")
+    assert str(train.path).startswith(f"{store.path}-train-")
+    assert "meta.json" in _objects(s3_env, train.path.prefix)
+    assert not any((tmp_path / "cache" / "builds").iterdir())  # the local copy removed
+    loader = streaming_train_loader(train, 4, 2, seed=0, drop_last=False)
+    loader.set_epoch(0)
+    batches = list(loader)
+    rows = [r for b in batches for r in b["index"].tolist()]
+    assert sorted(rows) == sorted(train_rows.tolist())
+    for batch in batches:
+        assert torch.equal(batch["images"], reference.images[batch["index"]])

@@ -10,7 +10,9 @@ build. The command-line runs at the end use the default.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -310,6 +312,40 @@ def test_both_pipelines_train_from_shards_as_from_memmap(pipeline, tmp_path):
     assert list((tmp_path / "shards" / "data" / "stores").glob("*-shards-*/index.json"))
 
 
+@pytest.mark.slow
+def test_dino_trains_from_kept_jpegs_of_any_aspect(tmp_path):
+    """A class folder of JPEGs of several aspects, kept as given: DINO crops each image whole
+    and evaluates its centre squares, from the command line."""
+    from tests.pipelines import SCRIPTS, SHORT, TINY, _replace, run, run_dir
+
+    root = tmp_path / "photos"
+    shapes = [(40, 24), (24, 48), (32, 32), (30, 50), (56, 28), (26, 36)]
+    for c in range(4):
+        for i, shape in enumerate(shapes):
+            _write(root / f"class{c}" / f"{i}.jpg", shape, "RGB", seed=10 * c + i, fmt="JPEG")
+    ssl_only = [o for o in TINY["ssl"] if not o.startswith("data.source.")]
+    cmd = [
+        *_replace(ssl_only, "data.image_size=24", "data.batch_size=8"),
+        *SHORT,
+        "data/source=folder",
+        f"data.source.root={root}",
+        "data.store_kind=shards",
+        "data.shard_format=keep",
+        "module.multicrop.global_size=24",
+        "module.multicrop.local_size=12",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    from tests.conftest import REPO
+
+    result = run([sys.executable, str(REPO / SCRIPTS["ssl"]), *cmd])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (meta,) = (tmp_path / "data" / "stores").glob("*-shards-*/meta.json")
+    assert json.loads(meta.read_text())["format"] == "keep"
+    rows = _metric_rows(run_dir("ssl", tmp_path) / "csv" / "metrics.csv")
+    assert any(r.get("val/knn_top1@20") for r in rows)
+
+
 def _metric_rows(path) -> list[dict]:
     import csv
 
@@ -338,3 +374,81 @@ def test_webp_shards_are_lossless(synthetic, tmp_path):
     assert torch.equal(store.images[:], synthetic[2].images[:])
     with Image.open(io.BytesIO(_sample(store, 0)["image"])) as img:
         assert img.format == "WEBP"
+
+
+# ---- whole images at their own aspect; files kept as given --------------------------------
+
+
+def test_whole_reads_give_the_stored_image_at_its_own_aspect(shop, tmp_path):
+    """`whole` decodes what was stored (PNG: exactly the file's whole image at shorter side
+    S); the square read is that image's centre crop, the evaluation view."""
+    png = _shards(shop, tmp_path, fmt="png")
+    wholes = png.images.whole(range(len(png)))
+    for row, image in enumerate(wholes):
+        expected = np.array(decode_whole(shop.paths[row], S))
+        assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1))
+        h, w = image.shape[1:]
+        top, left = (h - S) // 2, (w - S) // 2
+        assert torch.equal(png.images[row], image[:, top : top + S, left : left + S])
+    for image, path in zip(wholes, shop.paths):  # shorter side S, the file's aspect
+        with Image.open(path) as img:
+            w, h = img.size
+        assert min(image.shape[1:]) == S and abs(image.shape[2] / image.shape[1] - w / h) < 0.1
+
+
+def test_kept_files_are_stored_byte_for_byte(shop, tmp_path):
+    keep = _shards(shop, tmp_path, fmt="keep")
+    assert keep.meta["shorter_side"] is None and keep.meta["quality"] is None
+    for i in range(len(keep)):
+        sample = _sample(keep, i)
+        row = int(sample["row"])
+        assert sample["image"] == shop.paths[row].read_bytes()
+    for row, path in enumerate(shop.paths):
+        with Image.open(path) as img:  # whole: the file's own size; square: the eval view
+            assert tuple(keep.images.whole([row])[0].shape[1:]) == img.size[::-1]
+        expected = torch.from_numpy(np.array(decode_whole(path, S))).permute(2, 0, 1)
+        h, w = expected.shape[1:]
+        top, left = (h - S) // 2, (w - S) // 2
+        assert torch.equal(keep.images[row], expected[:, top : top + S, left : left + S])
+
+
+def test_keep_refuses_what_it_cannot_keep(shop, synthetic, tmp_path):
+    with pytest.raises(ValueError, match="data.shard_shorter_side=32 re-encodes"):
+        _shards(shop, tmp_path, fmt="keep", shorter_side=32)
+    with pytest.raises(ValueError, match="keep stores image files as given.*SyntheticSource"):
+        _shards(synthetic[1], tmp_path, fmt="keep")
+    with pytest.raises(ValueError, match=r"data.shard_format='gif' is not one of"):
+        _shards(shop, tmp_path, fmt="gif")
+    # a BMP file is an image, but not one kept as given: the build names it
+    Image.new("RGB", (20, 20)).save(shop.paths[2], format="BMP")
+    try:
+        with pytest.raises(CorruptImagesError, match=str(shop.paths[2])):
+            _shards(shop, tmp_path / "bmp", fmt="keep")
+    finally:
+        _write(shop.paths[2], (32, 48), "RGB", seed=2, fmt="PNG")
+
+
+def test_train_batches_crop_over_whole_images(shop, tmp_path):
+    """A shard store's train loader pads whole images into a batch with their sizes; eval
+    loaders keep the centre squares; the DINO multi-crop of that batch is each image's own."""
+    from shared.data.augment import MultiCrop  # crops of padded batches: test_data_augment
+
+    dm = StoreDataModule(
+        shop, str(tmp_path), image_size=S, batch_size=6, val_fraction=0.5, test_fraction=0.0,
+        store_kind="shards", shard_format="keep", drop_last=False,
+    )  # fmt: skip
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    rows = batch["index"].tolist()
+    for i, row in enumerate(rows):
+        h, w = batch["sizes"][i].tolist()
+        with Image.open(shop.paths[row]) as img:
+            assert (w, h) == img.size
+        assert torch.equal(batch["images"][i, :, :h, :w], dm.store.images.whole([row])[0])
+    assert batch["images"].shape[2:] == tuple(batch["sizes"].max(0).values.tolist())
+    query = next(iter(dm.val_dataloader()["query"]))
+    assert "sizes" not in query and query["images"].shape[1:] == (3, S, S)
+
+    crop = MultiCrop(global_size=12, local_size=6, n_local=2)
+    views = crop(batch["images"], torch.Generator().manual_seed(0), batch["sizes"])
+    assert [v.shape for v in views] == [(len(rows), 3, 12, 12)] * 2 + [(len(rows), 3, 6, 6)] * 2
