@@ -11,6 +11,7 @@ import numpy as np
 
 from matching.folds import load_or_make_folds
 from shared.data.datamodule import StoreDataModule
+from shared.data.object_store import local_folder
 
 # data=products keys that moved to data.source (data/source=postings) in issue #16.
 MOVED_KEYS = ("csv_path", "image_dir", "skip_corrupt", "background", "synthetic", "synthetic_dir")
@@ -82,7 +83,7 @@ class ProductsDataModule(StoreDataModule):
             self.store.ids,
             self.store.labels.numpy(),
             self.store.groups,
-            self.store.path / f"folds{self.n_folds}.json",
+            local_folder(self.store.path) / f"folds{self.n_folds}.json",
             self.n_folds,
         )
         val = np.flatnonzero(self.folds == self.fold)

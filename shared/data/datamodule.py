@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from shared.config import require_int
 from shared.data.augment import TransformBatch, pad_images
+from shared.data.object_store import is_s3
 from shared.data.resumable import ResumableDistributedSampler, ResumableLoader, ShuffleSampler
 from shared.data.samplers import MPerClassSampler, check_m_per_class
 from shared.data.shards import ShardStore, build_shard_store, check_shard_settings
@@ -190,11 +191,19 @@ class StoreDataModule(LightningDataModule):
         shard_quality: int = 90,
         shard_chunk_bytes: str = "64MB",
         shard_workers: int | None = None,
+        s3_endpoint: str | None = None,
+        s3_cache_dir: str | None = None,
+        s3_cache_size: str | None = "25GB",
         stream: bool = False,
     ) -> None:
         super().__init__()
         if store_kind not in STORE_KINDS:
             raise ValueError(f"data.store_kind={store_kind!r} is not one of {STORE_KINDS}")
+        if is_s3(store_path or store_root) and store_kind != "shards":
+            raise ValueError(
+                f"data.store_root / data.store_path {store_path or store_root!r} is in object "
+                f"storage, which only data.store_kind=shards supports (got {store_kind!r})"
+            )
         check_stream(stream, store_kind, m_per_class)
         if store_kind == "shards":
             check_shard_settings(image_size, shard_shorter_side, shard_format, shard_quality)
@@ -215,7 +224,8 @@ class StoreDataModule(LightningDataModule):
         self.store_kind = store_kind
         self.shards = dict(
             shorter_side=shard_shorter_side, fmt=shard_format, quality=shard_quality,
-            chunk_bytes=shard_chunk_bytes, workers=shard_workers,
+            chunk_bytes=shard_chunk_bytes, workers=shard_workers, s3_endpoint=s3_endpoint,
+            s3_cache_dir=s3_cache_dir, s3_cache_size=s3_cache_size,
         )  # fmt: skip
         self.stream = stream
         self.store: ImageStore | ShardStore | None = None

@@ -12,7 +12,11 @@ Layout of a store directory:
         index.json, chunk-<worker>-<n>.bin   litdata's index and chunks; one sample per row:
                                              row, label, id (+ group, title), image bytes
         meta.json    key, settings, labels, ids, groups, titles, class names, file checksums
-                     (written last)
+                     (size, sha256, sampled sha256, md5; written last)
+
+The same directory can live in an S3-compatible bucket (`data.store_root=s3://...`): built
+here, then uploaded with meta.json last and checked against the bucket's listing
+(`shared.data.object_store`).
 
 Rows are the source's rows in order (less any skipped corrupt file), so labels, ids and
 groups, hence every split and fold, are those of the memmap store of the same source.
@@ -25,11 +29,13 @@ lock, atomic publish and verify-before-reuse are the memmap store's (`build_keye
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +43,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.data.object_store import (
+    S3Location,
+    as_location,
+    is_s3,
+    listing,
+    local_folder,
+    read_meta,
+    remote_damage,
+    upload,
+)
+from shared.data.publish import build_lock
 from shared.data.sources import FileSource, Source, check_source, decode_image, decode_whole
 from shared.data.store import (
     announce,
     build_keyed,
     file_changed,
     file_digests,
-    is_built,
     store_key,
 )
 
@@ -85,16 +101,22 @@ def check_shard_settings(image_size: int, shorter_side: int | None, fmt: str, qu
             raise ValueError("data.shard_format=webp: this Pillow was built without WebP")
 
 
-def open_streaming(location: str | Path, **kwargs):
+def open_streaming(location: str | Path | S3Location, **kwargs):
     """A `litdata.StreamingDataset` over a shard store's chunks; every reader is made here
-    (`kwargs`: StreamingDataset's, e.g. shuffle, seed, drop_last)."""
+    (`kwargs`: StreamingDataset's, e.g. shuffle, seed, drop_last). A store in a bucket is
+    read through litdata's bounded cache: an `S3Location` (a ShardStore's `path`) with its
+    endpoint and cache settings, a plain `s3://` string with AWS_ENDPOINT_URL and litdata's
+    default cache."""
     from litdata import StreamingDataset
 
+    if is_s3(location):
+        location = as_location(location)
+        kwargs = {**location.reader_options(), **kwargs}
     return StreamingDataset(str(location), **kwargs)
 
 
-def is_shard_store(path: str | Path) -> bool:
-    return (Path(path) / "index.json").is_file()
+def is_shard_store(path: str | Path | S3Location) -> bool:
+    return is_s3(path) or (Path(path) / "index.json").is_file()
 
 
 @dataclass
@@ -102,7 +124,7 @@ class ShardStore:
     """An opened shard store: the ImageStore interface (`images[rows]`, labels, ids, groups),
     images decoded on access at `image_size`."""
 
-    path: Path
+    path: Path | S3Location
     meta: dict
     image_size: int
     labels: torch.Tensor = field(init=False)
@@ -136,8 +158,21 @@ class ShardStore:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def damage(self) -> str | None:
+        """What is wrong with the store's files (local: sizes and sampled hashes; in a
+        bucket: the listing's sizes and MD5s), or None."""
+        if isinstance(self.path, S3Location):
+            return remote_damage(self.path, self.meta)
+        return shard_damage(self.path)
+
     @classmethod
-    def open(cls, path: str | Path, image_size: int) -> ShardStore:
+    def open(cls, path: str | Path | S3Location, image_size: int) -> ShardStore:
+        if is_s3(path):
+            path = as_location(path)
+            meta = read_meta(path)
+            if meta is None:
+                raise FileNotFoundError(f"{path} is not a complete shard store (no meta.json)")
+            return cls(path, meta, image_size)
         path = Path(path)
         meta_file = path / "meta.json"
         if not meta_file.is_file() or not is_shard_store(path):
@@ -195,12 +230,20 @@ class ShardImages:
         if self._pid != os.getpid():  # new, or copied into a forked loader worker
             self._dataset, self._pid = open_streaming(self.store.path), os.getpid()
         try:
-            return self._dataset[self.store.samples[row]]["image"]
-        except Exception as exc:  # litdata waits, then times out, on a cut-short chunk
-            problem = shard_damage(self.store.path)
+            return self._sample(self.store.samples[row])["image"]
+        except Exception as exc:  # a cut-short, missing or overwritten chunk
+            problem = self.store.damage()
             raise RuntimeError(
                 f"reading row {row} of the shard store {self.store.path} failed: {problem or exc}"
             ) from exc
+
+    def _sample(self, index: int) -> dict:
+        """litdata's sample `index`. From a bucket it is read as a slice, which makes
+        litdata fetch the whole chunk into the bounded cache (an int index fetches each
+        sample's bytes alone: one request per image)."""
+        if isinstance(self.store.path, S3Location):
+            return self._dataset[index : index + 1][0]
+        return self._dataset[index]
 
 
 def shard_formats(fmt: str) -> tuple[str, ...]:
@@ -235,13 +278,19 @@ def build_shard_store(
     chunk_bytes: str = "64MB",
     workers: int | None = None,
     start_method: str | None = None,
+    s3_endpoint: str | None = None,
+    s3_cache_dir: str | None = None,
+    s3_cache_size: str | None = None,
 ) -> ShardStore:
     """Open the shard store for (source, shorter side, format), building it first if needed;
     it reads at `image_size`. `shorter_side` None: `image_size` (with `fmt="keep"`, the
     files' own sizes). `workers`: optimize
     processes (None: one per CPU), started by `start_method` (None: litdata's, spawn; fork
     saves seconds where torch runs one thread, as in the tests). `path` pins the directory
-    as for `build_store`."""
+    as for `build_store`. A `root` or `path` of `s3://bucket/prefix` keeps the store in that
+    bucket (`s3_endpoint`: None for AWS_ENDPOINT_URL or AWS), built locally, then published
+    (`publish_remote`); reads go through litdata's cache in `s3_cache_dir` (None: litdata's
+    default), at most `s3_cache_size` (e.g. "25GB")."""
     check_source(source)
     check_shard_settings(image_size, shorter_side, fmt, quality)
     if fmt == KEEP and not isinstance(source, FileSource):
@@ -254,9 +303,10 @@ def build_shard_store(
     description = source.describe()
     settings = {"shard_format": fmt, "shard_quality": quality, "shard_version": SHARD_VERSION}
     key = store_key(description, shorter_side, store_kind="shards", **settings)
-    path = Path(path) if path else Path(root) / f"{name}-shards-{key}"
 
     def write(tmp: Path) -> None:
+        if len(source) == 0:
+            raise ValueError(f"data source {description.get('kind')} has no images")
         encode = _EncodeRows(source, shorter_side, fmt, quality)
         stored = _optimize(encode, tmp, chunk_bytes, workers, start_method)
         rows, found = read_back(tmp, stored)
@@ -273,12 +323,65 @@ def build_shard_store(
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    if not is_built(path, key, shard_damage) and len(source) == 0:
-        raise ValueError(f"data source {description.get('kind')} has no images")
-    built = build_keyed(path, key, shard_damage, write)
+    if is_s3(path or root):
+        url = str(path) if path else f"{str(root).rstrip('/')}/{name}-shards-{key}"
+        path = S3Location(url, s3_endpoint, s3_cache_dir, s3_cache_size)
+        built = publish_remote(path, key, write)
+    else:
+        path = Path(path) if path else Path(root) / f"{name}-shards-{key}"
+        built = build_keyed(path, key, shard_damage, write)
     store = ShardStore.open(path, image_size)
     announce(path, built, len(store))
     return store
+
+
+def publish_remote(location: S3Location, key: str, write) -> bool:
+    """Put the store for `key` at `location` unless an intact one is there: built locally
+    by `write` (with the local store's guarantees) under the cache directory, uploaded
+    meta.json last, verified, the local copy removed; True if this call published it. Jobs
+    on one machine take turns (the local build's lock); a failed upload keeps the finished
+    local build for the next try."""
+    client = location.client()
+    if _remote_intact(location, key, client):
+        return False
+    local = local_folder(location, "builds")
+    with build_lock(local.with_name(f"{local.name}.publish")):  # build_keyed locks `local`
+        if _remote_intact(location, key, client, quiet=True):
+            return False
+        build_keyed(local, key, shard_damage, write)
+        upload(local, location, client)
+        if problem := remote_damage(location, read_meta(location, client), client):
+            raise RuntimeError(
+                f"the shard store just published to {location} is damaged: {problem}"
+            )
+        shutil.rmtree(local)
+    return True
+
+
+def _remote_intact(location: S3Location, key: str, client, quiet: bool = False) -> bool:
+    """A complete store for `key` at `location` whose objects match meta.json."""
+    meta = read_meta(location, client)
+    if meta is not None and meta.get("key") == key:
+        problem = remote_damage(location, meta, client)
+        if problem is None:
+            return True
+        reason = f"is damaged ({problem})"
+    elif meta is not None:
+        reason = f"holds another store (key {meta.get('key')} != {key})"
+    else:
+        reason = "holds an unfinished upload (no meta.json)"
+    if not quiet and (meta is not None or listing(location, client)):
+        log.warning("Shard store at %s %s: rebuilding it", location, reason)
+    return False
+
+
+def _md5(file: Path) -> str:
+    """The file's MD5: the ETag S3 gives a single-part upload, so a listing can check it."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(file, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _EncodeRows:
@@ -404,7 +507,10 @@ def read_back(tmp: Path, stored: list[int]) -> tuple[list[int], dict]:
     them (per row, the sample holding it: workers write in no fixed order) and verify them
     (`shard_damage`)."""
     order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
-    checksums = {f.name: {"size": f.stat().st_size, **file_digests(f)} for f in _data_files(tmp)}
+    checksums = {
+        f.name: {"size": f.stat().st_size, **file_digests(f), "md5": _md5(f)}
+        for f in _data_files(tmp)
+    }
     return [stored[i] for i in order], {"samples": order.tolist(), "checksums": checksums}
 
 

@@ -223,9 +223,12 @@ def file_changed(file: Path, recorded: dict, full: bool) -> str | None:
 
 def check_store(path: str | Path) -> str | None:
     """Every byte of a store (either kind) against the checksums recorded at publish: None
-    if intact."""
-    from shared.data.shards import is_shard_store, shard_damage
+    if intact. A store in a bucket (`s3://...`): every file's size and MD5 in the listing."""
+    from shared.data.object_store import is_s3
+    from shared.data.shards import ShardStore, is_shard_store, shard_damage
 
+    if is_s3(path):
+        return ShardStore.open(path, image_size=1).damage()
     if is_shard_store(path):
         return shard_damage(Path(path), full=True)
     return _damage(Path(path), full=True)

@@ -16,6 +16,7 @@ which train batches carry as `index` (the online probe reads those rows back).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,10 +29,12 @@ from litdata import StreamingDataLoader
 from torch.utils.data import default_collate
 
 from shared.data.augment import TransformBatch, pad_images
+from shared.data.object_store import S3Location
 from shared.data.shards import (
     ShardStore,
     decode_shard_whole,
     open_streaming,
+    publish_remote,
     read_back,
     shard_damage,
     write_chunks,
@@ -67,7 +70,9 @@ def build_train_store(
     start_method: str | None = None,
 ) -> ShardStore:
     """Open the shard store of `store`'s `rows` (in that order), copying their samples into
-    it first if needed: `<store dir>-train-<key>`, key = hash(store key, rows)."""
+    it first if needed: `<store dir>-train-<key>`, key = hash(store key, rows); for a store
+    in a bucket, beside it in the bucket (built locally, then published as every bucket
+    store is)."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.ndim != 1 or len(rows) == 0:
         raise ValueError("the train split has no rows to stream")
@@ -81,7 +86,11 @@ def build_train_store(
         }
     ).encode()
     key = hashlib.sha1(blob).hexdigest()[:12]
-    path = store.path.parent / f"{store.path.name}-train-{key}"
+    remote = isinstance(store.path, S3Location)
+    if remote:  # beside the parent in its bucket
+        path = dataclasses.replace(store.path, url=f"{store.path}-train-{key}")
+    else:
+        path = store.path.parent / f"{store.path.name}-train-{key}"
 
     def write(tmp: Path) -> None:
         copy = _CopyRows(store.path, [store.samples[r] for r in rows.tolist()])
@@ -110,7 +119,9 @@ def build_train_store(
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    built = build_keyed(path, key, shard_damage, write)
+    built = (
+        publish_remote(path, key, write) if remote else build_keyed(path, key, shard_damage, write)
+    )
     train = ShardStore.open(path, store.image_size)
     announce(path, built, len(train))
     return train
@@ -121,7 +132,7 @@ class _CopyRows:
     sample as stored (bytes and columns), renumbered, naming its full-store row."""
 
     def __init__(self, parent: Path, samples: list[int]) -> None:
-        self.parent, self.samples = str(parent), samples
+        self.parent, self.samples = parent, samples  # a Path or an S3Location
         self._dataset = None  # opened in the worker, once
 
     def __getstate__(self) -> dict:

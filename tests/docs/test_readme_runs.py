@@ -36,6 +36,8 @@ def not_here(command: Command) -> str | None:
         return "runs on the SLURM cluster (tests/slurm)"
     if "wandb_online=true" in text or "tracking_uri=http" in text:
         return "needs a network service"
+    if "=s3://" in text:
+        return "needs a bucket (tests/shared/data/test_object_store.py runs one in SeaweedFS)"
     if "init_from_run=" in text:
         return "starts from the run of the command before it (test_catalog_to_matcher_chain)"
     return None
