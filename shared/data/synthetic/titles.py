@@ -2,8 +2,9 @@
 
 A family's listings share most words (brand, product line, shape, noun, colours); its groups
 differ only in one detail, a size or a model number, which sellers often leave out or write
-their own way. So a title tells the family well but its group only sometimes: the image has
-to tell siblings apart (as on Shopee, where titles alone were strong but not enough).
+their own way. A brand spans several families and listings drop words, so a title tells the
+family loosely and the group only sometimes: titles alone do not solve the set, the images
+must add what they lack (`tests/shared/data/test_synthetic.py` checks both).
 """
 
 from __future__ import annotations
