@@ -54,7 +54,7 @@ def test_quick_chain_records_every_figure(tmp_path):
     logged = logged_test_row(Path(seed["titles"]["run_dir"]))
     for key in ("f1", "f1_image", "f1_text", "recall@1", "map@r"):
         assert titles[key] == pytest.approx(logged[f"test/{key}"], abs=1e-7), key
-    assert seed["titles"]["chosen"]["text"]["mode"] == "union"
+    assert seed["titles"]["chosen"]["text"]["mode"] == "sum"
 
     for which in ("trained", "init"):
         probe = seed["probe"][which]

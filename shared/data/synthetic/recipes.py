@@ -14,7 +14,7 @@ from itertools import combinations
 import numpy as np
 
 # Bump when a change alters any rendered byte or title: on-disk copies keyed on it go stale.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary: colours, shapes, patterns, glyphs, words.
@@ -48,6 +48,13 @@ PATTERNS = (
     "gradient", "zigzag", "two-tone", "grid", "banded",
 )  # fmt: skip
 NOUNS = ("tin", "jar", "box", "pouch", "flask", "case", "mug", "pack", "tube", "bag", "can")
+# Title-only words: a family's product line, and the details that tell its groups apart
+# (sizes or model numbers; `titles.py` writes each several ways).
+LINES = (
+    "premium", "travel", "mini", "jumbo", "classic", "kids", "outdoor", "deluxe", "slim",
+    "eco", "pro", "home",
+)  # fmt: skip
+SIZES = ("100ml", "250ml", "350ml", "500ml", "750ml", "1L", "100g", "250g", "500g", "1kg")
 
 # 5x7 bitmap font: the "logo" glyphs. Row strings, '#' = ink.
 FONT = {
@@ -186,7 +193,10 @@ class SyntheticProductsSpec:
 
 @dataclass(frozen=True)
 class GroupRecipe:
-    """What makes a product group: family traits (shape, palette) plus pattern and logo."""
+    """What makes a product group: family traits (shape, palette) plus pattern and logo.
+
+    Title-only traits: the family's ``brand``, ``noun`` and product ``line`` word; the
+    group's ``detail`` (a size or a model number) is the one title word siblings differ in."""
 
     group: int
     family: int
@@ -197,19 +207,31 @@ class GroupRecipe:
     brand: str
     noun: str
     label_group: int
+    line: str
+    detail: str
 
     @property
     def title(self) -> str:
-        """The clean listing title; instances add noise to it."""
+        """The clean listing title; listings reword it (`titles.py`)."""
         colours = "/".join(self.palette[:2])
-        return f"{self.brand} {self.pattern} {self.shape} {self.noun} {colours}"
+        return f"{self.brand} {self.line} {self.shape} {self.noun} {colours} {self.detail}"
 
 
-def _brand(seed: int, glyph: str) -> str:
-    """A made-up brand name that starts with (or ends in) the logo glyph."""
-    rng = random.Random(f"brand-{seed}-{glyph}")
-    word = "".join(rng.choice(_SYLLABLES) for _ in range(2))
-    return glyph + word if glyph.isalpha() else word.capitalize() + glyph
+def _brand(seed: int, family: int) -> str:
+    """A made-up brand; four consecutive families share one (a brand sells several lines)."""
+    rng = random.Random(f"brand-{seed}-{family // 4}")
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+
+
+def _title_traits(seed: int, family: int, n: int) -> tuple[str, list[str]]:
+    """A family's line word and its ``n`` groups' details, from their own random stream
+    (the recipes' draws, hence the images, do not depend on them)."""
+    rng = random.Random(f"title-traits-{seed}-{family}")
+    line = rng.choice(LINES)
+    if rng.random() < 0.5 and n <= len(SIZES):  # siblings: the product in other sizes
+        return line, rng.sample(SIZES, n)
+    letter = rng.choice(GLYPHS[:26])  # or models of one series: one letter, other numbers
+    return line, [f"{letter}{k}" for k in rng.sample(range(10, 100), n)]
 
 
 def make_recipes(spec: SyntheticProductsSpec) -> list[GroupRecipe]:
@@ -244,7 +266,8 @@ def make_recipes(spec: SyntheticProductsSpec) -> list[GroupRecipe]:
                 variants.append((base_pattern, int(other_glyphs.pop(0))))
             else:
                 variants.append((int(other_patterns.pop(0)), base_glyph))
-        for pattern, glyph in variants:
+        line, details = _title_traits(spec.seed, f, len(variants))
+        for (pattern, glyph), detail in zip(variants, details, strict=True):
             g = len(recipes)
             recipes.append(
                 GroupRecipe(
@@ -254,10 +277,12 @@ def make_recipes(spec: SyntheticProductsSpec) -> list[GroupRecipe]:
                     palette=palette,
                     pattern=PATTERNS[pattern],
                     glyph=GLYPHS[glyph],
-                    brand=_brand(spec.seed, GLYPHS[glyph]),
+                    brand=_brand(spec.seed, f),
                     noun=noun,
                     # An odd multiplier makes this a bijection mod 2**32: ids never collide.
                     label_group=(g * 2654435761 + label_offset) % 2**32,
+                    line=line,
+                    detail=detail,
                 )
             )
     return recipes

@@ -17,10 +17,14 @@ from shared.data.synthetic import (
     SyntheticProductsSpec,
     image_phash,
     recipes,
+    titles,
     write_class_folders,
     write_image_folder_csv,
     writers,
 )
+from shared.retrieval.combine import TextCombination, text_matching
+from shared.retrieval.text import TitleTfidf, has_title
+from shared.retrieval.threshold import image_neighbours, threshold_sweep
 
 SPEC = SyntheticProductsSpec(
     num_families=6, groups_per_family=3, min_instances=2, max_instances=5, image_size=48, seed=3
@@ -201,15 +205,67 @@ def test_instances_vary_yet_groups_cluster(products, images):
     assert d[same].mean() < 0.9 * d[other_family].mean()
 
 
-def test_titles_follow_the_group(products):
-    titles = products.titles
-    assert len(titles) == len(products) and all(t and "\n" not in t for t in titles)
-    for i in range(len(products)):
-        r = products.recipes[int(products.labels[i])]
-        words = set(titles[i].lower().split())
-        clean = set(r.title.lower().split())
-        assert len(words & clean) >= 2, (titles[i], r.title)
+def test_siblings_share_title_words_and_differ_in_one_detail(products):
+    for _, family in itertools.groupby(products.recipes, key=lambda r: r.family):
+        family = list(family)
+        assert len({r.detail for r in family}) == len(family)  # the detail tells siblings apart
+        stems = {r.title.replace(r.detail, "") for r in family}
+        assert len(stems) == 1, stems  # and nothing else in the clean title does
+    assert len({r.brand for r in products.recipes}) < products.num_families  # brands span lines
+    names, labels = products.titles, products.labels.tolist()
+    assert len(names) == len(products) and all(t and "\n" not in t for t in names)
+    for g in range(products.num_classes):  # sellers word one product differently
+        own = [names[i] for i in range(len(names)) if labels[i] == g]
+        assert len(set(own)) == len(own), own
     assert len(set(products.posting_ids)) == len(products)
+
+
+def test_listings_leave_the_detail_out_at_the_stated_rate():
+    """A listing without its detail reads as any sibling's would (bar a motif the photo
+    shows): its title cannot tell the group. The draws are the same up to the detail, so a
+    listing left it out exactly when its title equals the one drawn with omit_detail=1."""
+    products = SyntheticProducts(num_families=20, groups_per_family=4, max_instances=6, seed=1)
+    labels, recipes, seed = products.labels.tolist(), products.recipes, products.spec.seed
+    never = titles.listing_titles(recipes, labels, seed, omit_detail=1.0)
+    always = titles.listing_titles(recipes, labels, seed, omit_detail=0.0)
+    left_out = np.array([a == b for a, b in zip(products.titles, never, strict=True)])
+    n, p = len(left_out), titles.OMIT_DETAIL
+    assert abs(left_out.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
+    assert not any(a == b for a, b in zip(always, never, strict=True))
+    for i, g in enumerate(labels):
+        if "motif" in never[i].lower():
+            continue
+        for sib in recipes:
+            if sib.family == recipes[g].family:
+                assert titles._listing_title(sib, seed, i, 1.0) == never[i]
+    with pytest.raises(ValueError, match="omit_detail"):
+        titles.listing_titles(recipes, labels, seed, omit_detail=1.5)
+
+
+def test_titles_alone_do_not_solve_the_set():
+    """One group per family, as in a test fold where siblings rarely meet: a title must tell
+    families apart, and its words are shared across them (a brand's lines, nouns, colours,
+    dropped words). Title-only F1 (TF-IDF, best threshold) closes less than half the gap
+    between matching only itself and perfect; raw colour histograms know the family, so
+    titles and pixels summed beat either alone."""
+    products = SyntheticProducts(
+        num_families=30, groups_per_family=1, max_instances=6, image_size=32, seed=0
+    )
+    labels = products.labels.numpy()
+    sizes = np.bincount(labels)[labels]
+    only_itself = np.mean(2 / (1 + sizes))  # F1 of each posting matched to itself alone
+    s = 32 // 4
+    image = _colour_hist(products.render(range(len(products)))[..., s : 3 * s, s : 3 * s])
+    image = torch.nn.functional.normalize(image.sqrt(), dim=1).numpy()
+    text = TitleTfidf().fit(products.titles).transform(products.titles)
+    titled = has_title(products.titles)
+    grid = np.linspace(0, 1, 101)
+    _, sims, idx = image_neighbours(image, 51)
+    image_f1 = threshold_sweep(sims, idx, labels, grid).best_f1
+    combo = TextCombination("sum", 0.5)
+    metrics, _ = text_matching(image, sims, idx, text, titled, labels, combo, grid, 51)
+    assert metrics["f1_text"] < (1 + only_itself) / 2, (only_itself, metrics)
+    assert metrics["f1_text"] < metrics["f1"] and image_f1 < metrics["f1"], (image_f1, metrics)
 
 
 def test_phash(images):
