@@ -213,3 +213,23 @@ def test_title_matches_are_the_evaluations(mode):
     assert [{h.posting.posting_id for h in row} for row in got] == [set(r) for r in expected]
     by_title = [h for row in got for h in row if h.title_similarity is not None]
     assert by_title and all(h.posting.title and h.title_similarity >= 0 for h in by_title)
+
+
+@pytest.mark.slow
+def test_a_run_on_shards_serves_the_gallery_a_memmap_run_serves(tmp_path):
+    """The service builds its gallery from the run's own store, whichever kind: lossless
+    shards give the memmap run's postings and embeddings."""
+    from matching.service.loading import load_service
+    from tests.pipelines import cli, run, run_dir
+    from tests.serve.conftest import serve_config
+
+    galleries = {}
+    for kind in ("memmap", "shards"):
+        out = tmp_path / kind
+        result = run(cli("matching", out, f"data.store_kind={kind}", "data.shard_format=png"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        service = load_service(serve_config(out, f"run_dir={run_dir('matching', out)}"))
+        galleries[kind] = service.gallery
+    memmap, shards = galleries["memmap"], galleries["shards"]
+    assert [p.posting_id for p in shards.postings()] == [p.posting_id for p in memmap.postings()]
+    np.testing.assert_allclose(shards.embeddings(), memmap.embeddings(), atol=1e-6)
