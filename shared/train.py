@@ -66,14 +66,19 @@ def _run(cfg: DictConfig) -> float | None:
     log_config(loggers, cfg)
 
     results: dict = {"run_dir": str(out)}
+    untrained = out / UNTRAINED
     ckpt = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.auto_resume)
     if ckpt:
         check_compatible(ckpt, module)
+        if untrained.is_file():  # scored before the run was stopped
+            results["untrained_test"] = json.loads(untrained.read_text())
     elif cfg.get("eval_at_init"):  # the untrained network's figures: the baseline
         trainer.validate(module, datamodule=datamodule, verbose=False)
         if cfg.get("test"):
             scores = trainer.test(module, datamodule=datamodule, verbose=False)
             results["untrained_test"] = _first(scores)
+            if trainer.is_global_zero:  # kept for results.json if the run is resumed
+                write_text(untrained, json.dumps(results["untrained_test"], indent=1))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except SIGTERMException:
@@ -102,6 +107,11 @@ def _run(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         _write_results(out, results)
     return metric
+
+
+# The untrained network's test figures, written when scored: results.json, written at the
+# end, has them even when the run was stopped and resumed in between.
+UNTRAINED = "untrained_test.json"
 
 
 def final_metric(trainer, name: str | None) -> float | None:

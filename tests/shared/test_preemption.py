@@ -168,3 +168,23 @@ def test_killed_run_resumes_from_its_last_checkpoint_bit_for_bit(tmp_path, every
     a, b = (torch.load(p, weights_only=True) for p in (resumed_last, reference_last))
     assert a["global_step"] == b["global_step"]
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
+
+
+def test_a_resumed_run_reports_the_untrained_figures_it_scored_before_the_kill(tmp_path):
+    """results.json is written at the end; the untrained network's test figures, scored when
+    the run first started, reach it through untrained_test.json."""
+    import json
+
+    overrides = [*TINY["ssl"], "data.batch_size=4", "trainer.max_epochs=2",
+                 "trainer.check_val_every_n_epoch=1", "test=true", "eval_at_init=true"]  # fmt: skip
+    cfg = compose_config("ssl", [*overrides, "+callbacks.kill_at._target_="
+                         "tests.shared.test_preemption.KillAt", "+callbacks.kill_at.step=3"],
+                         tmp_path)  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_in_process(cfg)
+    run = tmp_path / "run"
+    scored = json.loads((run / "untrained_test.json").read_text())
+    assert not (run / "results.json").exists() and "test/knn_top1@20" in scored
+    run_in_process(compose_config("ssl", overrides, tmp_path))
+    results = json.loads((run / "results.json").read_text())
+    assert results["untrained_test"] == scored and set(scored) == set(results["test"])
