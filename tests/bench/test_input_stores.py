@@ -32,7 +32,8 @@ def test_input_stores_reads_every_input(tmp_path):
     # kept as given: the shards hold the JPEG files' bytes (+ litdata's index, meta.json)
     assert rows["folder"]["bytes_on_disk"] < rows["shards"]["bytes_on_disk"]
     assert rows["shards"]["bytes_on_disk"] < 1.2 * rows["folder"]["bytes_on_disk"]
-    assert rows["shards-s3"]["bytes_on_disk"] == rows["shards"]["bytes_on_disk"]
+    # the bucket holds the same chunks; only meta.json's few bytes may differ (its own build)
+    assert abs(rows["shards-s3"]["bytes_on_disk"] - rows["shards"]["bytes_on_disk"]) < 1000
 
 
 def test_tuned_search_reaches_its_target_in_fresh_processes():
