@@ -109,7 +109,7 @@ def bench_config(name: str, args, server=None) -> dict:
     families = args.families if size == 64 else args.dino_families
     folder = write_jpeg_folder(families, render, args.root / f"jpeg-{families}f-{render}px")
     mc = MultiCrop(g, loc, n_local, subpixel_boxes=False)
-    inputs, sizes = {}, {"folder": disk_bytes(folder) - 0}
+    inputs, sizes = {}, {"folder": disk_bytes(folder)}
     for kind in ("memmap", "shards"):
         dm = module(folder, args.root / "stores", size, kind, args.batch_size, args.workers)
         dm.set_train_batch_transform(mc)

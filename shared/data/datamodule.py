@@ -47,14 +47,12 @@ class StoreDataset(Dataset):
 
     def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         rows = self.indices[torch.as_tensor(positions)]
-        if not self.whole:
-            return {
-                "images": self.store.images[rows],
-                "labels": self.store.labels[rows],
-                "index": rows,
-            }
-        images, sizes = pad_images(self.store.images.whole(rows))
-        return {"images": images, "labels": self.store.labels[rows], "index": rows, "sizes": sizes}
+        if self.whole:
+            images, sizes = pad_images(self.store.images.whole(rows))
+        else:
+            images, sizes = self.store.images[rows], None
+        batch = {"images": images, "labels": self.store.labels[rows], "index": rows}
+        return batch if sizes is None else {**batch, "sizes": sizes}
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([position])
