@@ -29,7 +29,6 @@ lock, atomic publish and verify-before-reuse are the memmap store's (`build_keye
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -375,15 +374,6 @@ def _remote_intact(location: S3Location, key: str, client, quiet: bool = False) 
     return False
 
 
-def _md5(file: Path) -> str:
-    """The file's MD5: the ETag S3 gives a single-part upload, so a listing can check it."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(file, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _EncodeRows:
     """What each optimize worker runs on a list of source rows: one sample per row that
     decodes, nothing for one that does not (the build finds it missing)."""
@@ -508,8 +498,7 @@ def read_back(tmp: Path, stored: list[int]) -> tuple[list[int], dict]:
     (`shard_damage`)."""
     order = np.argsort(stored, kind="stable")  # store row i is sample order[i]
     checksums = {
-        f.name: {"size": f.stat().st_size, **file_digests(f), "md5": _md5(f)}
-        for f in _data_files(tmp)
+        f.name: {"size": f.stat().st_size, **file_digests(f, md5=True)} for f in _data_files(tmp)
     }
     return [stored[i] for i in order], {"samples": order.tolist(), "checksums": checksums}
 

@@ -170,17 +170,25 @@ TENSORS = ("images", "labels", "row")
 SAMPLED_BLOCKS, BLOCK = 32, 1 << 16  # what a reuse reads back: at most 2 MiB per file
 
 
-def file_digests(file: Path) -> dict:
-    """sha256 of the whole file and of `SAMPLED_BLOCKS` blocks spread evenly over it."""
-    return {"sha256": _sha256(file), "sampled_sha256": _sampled_sha256(file)}
+def file_digests(file: Path, md5: bool = False) -> dict:
+    """sha256 of the whole file and of `SAMPLED_BLOCKS` blocks spread evenly over it; with
+    `md5`, also the file's MD5 (the ETag S3 gives a single-part upload), from the same read."""
+    whole = _whole_digests(file, ("sha256", "md5") if md5 else ("sha256",))
+    return {"sha256": whole.pop("sha256"), "sampled_sha256": _sampled_sha256(file), **whole}
+
+
+def _whole_digests(file: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """The `names` hashes (hashlib's) of every byte of `file`, in one read."""
+    digests = {name: hashlib.new(name, usedforsecurity=False) for name in names}
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            for digest in digests.values():
+                digest.update(chunk)
+    return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
 def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _whole_digests(file, ("sha256",))["sha256"]
 
 
 def _sampled_sha256(file: Path) -> str:
