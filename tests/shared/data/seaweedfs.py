@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 START_TIMEOUT_S = 60
+MIN_FREE_SPACE = "64MiB"
 BUCKET = "stores"
 
 
@@ -83,6 +84,9 @@ def seaweedfs(root: Path, weed: str) -> Iterator[S3Server]:
         weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={grpc['master']}",
         "-master.telemetry=false", "-master.volumeSizeLimitMB=32", "-volume.max=100",
+        # Its default refuses every write below 1 % of the disk free (2.5 GB on a 250 GB disk),
+        # which a nearly full CI disk hit; the tests write a few MB.
+        f"-volume.minFreeSpace={MIN_FREE_SPACE}",
         f"-volume.port={volume}", f"-volume.port.grpc={grpc['volume']}",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={grpc['filer']}",
         f"-filer.localSocket={root / 'filer.sock'}",
@@ -130,9 +134,11 @@ def _wait_until_ready(server: S3Server, process, log: Path) -> None:
             return
         except Exception as exc:  # not listening yet, or no volume to write to yet
             if time.monotonic() > deadline:
+                free_mb = shutil.disk_usage(log.parent).free / 2**20
                 raise RuntimeError(
                     f"SeaweedFS's S3 gateway at {server.endpoint} not ready after "
-                    f"{START_TIMEOUT_S} s ({exc}): {log.read_text()[-2000:]}"
+                    f"{START_TIMEOUT_S} s ({exc}); {free_mb:.0f} MiB free under {log.parent} "
+                    f"(it refuses writes below {MIN_FREE_SPACE}): {log.read_text()[-2000:]}"
                 ) from exc
             time.sleep(0.3)
 
