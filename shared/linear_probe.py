@@ -123,12 +123,12 @@ def linear_probe(
 
 
 def split_rows(datamodule) -> dict:
-    """Store rows of a run's train, val and test splits (test only if any).
+    """Store rows of a run's labelled train rows, val and test splits (test only if any).
     Refused when val / test hold classes train lacks (a class-disjoint split): a classifier
     cannot name a class it never saw."""
     datamodule.setup()
     labels = datamodule.store.labels
-    rows = {"train": datamodule.train_indices, "val": datamodule.val_indices}
+    rows = {"train": datamodule.bank_indices, "val": datamodule.val_indices}
     if len(datamodule.test_indices):
         rows["test"] = datamodule.test_indices
     seen = set(labels[torch.as_tensor(rows["train"])].tolist())

@@ -12,6 +12,7 @@ import numpy as np
 from matching.folds import load_or_make_folds
 from shared.data.datamodule import StoreDataModule
 from shared.data.object_store import local_folder
+from shared.data.sources import UNLABELLED
 
 # data=products keys that moved to data.source (data/source=postings) in issue #16.
 MOVED_KEYS = ("csv_path", "image_dir", "skip_corrupt", "background", "synthetic", "synthetic_dir")
@@ -79,6 +80,13 @@ class ProductsDataModule(StoreDataModule):
         self.folds: np.ndarray | None = None
 
     def make_splits(self):
+        unlabelled = int((self.store.labels == UNLABELLED).sum())
+        if unlabelled:
+            raise ValueError(
+                f"{unlabelled} of {len(self.store)} postings have an empty label cell: product "
+                "matching trains and scores on labelled groups only (unlabelled images are "
+                "for DINO pretraining, README: From an unlabeled catalog to a matcher)"
+            )
         self.folds = load_or_make_folds(
             self.store.ids,
             self.store.labels.numpy(),

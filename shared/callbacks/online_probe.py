@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.callbacks.embeddings import EmbeddingCallback
+from shared.data.sources import UNLABELLED
 
 
 @contextlib.contextmanager
@@ -97,9 +98,11 @@ class OnlineProbeCallback(EmbeddingCallback):
         y = batch["labels"].to(x.device)
         if self.head is None:
             self._build(x.shape[1], trainer.datamodule.num_classes, x.device)
+        labelled = y != UNLABELLED
+        n = max(1, int(labelled.sum()))  # a batch of unlabelled rows only: zero gradients
         with torch.enable_grad():
             logits = self.head(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, ignore_index=UNLABELLED, reduction="sum") / n
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if dist.is_available() and dist.is_initialized():
@@ -107,7 +110,7 @@ class OnlineProbeCallback(EmbeddingCallback):
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
         self.optimizer.step()
-        acc = (logits.detach().argmax(1) == y).float().mean()
+        acc = (logits.detach().argmax(1) == y).sum() / n
         pl_module.log_dict(
             {"train/probe_loss": loss.detach(), "train/probe_acc": acc},
             on_step=True,

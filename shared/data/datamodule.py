@@ -23,6 +23,7 @@ from shared.data.object_store import is_s3
 from shared.data.resumable import ResumableDistributedSampler, ResumableLoader, ShuffleSampler
 from shared.data.samplers import MPerClassSampler, check_m_per_class
 from shared.data.shards import ShardStore, build_shard_store, check_shard_settings
+from shared.data.sources import UNLABELLED, class_counts
 from shared.data.store import ImageStore, build_store
 from shared.data.streaming import build_train_store, check_stream, streaming_train_loader
 
@@ -79,7 +80,8 @@ def split_indices(
     twice, near-duplicates) so no group is on two sides: a query never finds its own twin in
     the bank. `class`: whole classes go to val and to test (the SOP / CUB protocol for
     metric learning). Val chooses checkpoints and hyper-parameters; test is scored once, at
-    the end, so its figures are not selected on.
+    the end, so its figures are not selected on. Unlabelled rows (`UNLABELLED`) all go to
+    train; the labelled rows split exactly as they would alone.
     """
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0 or (key == "val_fraction" and value == 0.0):
@@ -92,6 +94,19 @@ def split_indices(
         )
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
+    labelled = np.flatnonzero(labels != UNLABELLED)
+    if len(labelled) == 0:
+        raise ValueError(
+            f"all {len(labels)} images are unlabelled (empty label cells): val and test need "
+            "labelled images to score on"
+        )
+    if len(labelled) < len(labels):
+        rows = split_indices(
+            labels[labelled], val_fraction, split_by, seed, test_fraction,
+            None if groups is None else np.asarray(groups)[labelled],
+        )  # fmt: skip
+        unlabelled = np.flatnonzero(labels == UNLABELLED)
+        return np.union1d(labelled[rows[0]], unlabelled), labelled[rows[1]], labelled[rows[2]]
     classes = np.unique(labels)
     split = np.zeros(len(labels), dtype=np.int8)  # 0 train, 1 val, 2 test
     if split_by == "class":
@@ -275,8 +290,18 @@ class StoreDataModule(LightningDataModule):
 
     def train_class_counts(self) -> list[int]:
         self.setup()
-        labels = self.store.labels[torch.as_tensor(self.train_indices)]
-        return torch.bincount(labels, minlength=self.num_classes).tolist()
+        return class_counts(
+            self.store.labels[torch.as_tensor(self.train_indices)], self.num_classes
+        )
+
+    @property
+    def bank_indices(self) -> np.ndarray:
+        """The labelled train rows: the bank evaluations search (an unlabelled row's
+        neighbours could vote for nothing)."""
+        self.setup()
+        return self.train_indices[
+            self.store.labels[torch.as_tensor(self.train_indices)].numpy() != UNLABELLED
+        ]
 
     def _loader(
         self, indices, batch_size: int, drop_last: bool, transform=None, sampler=None
@@ -306,6 +331,12 @@ class StoreDataModule(LightningDataModule):
         order. Each can resume inside an epoch."""
         if self.m_per_class is not None:
             labels = self.store.labels[torch.as_tensor(self.train_indices)].numpy()
+            if (labels == UNLABELLED).any():
+                raise ValueError(
+                    f"data.m_per_class={self.m_per_class} samples by class, but "
+                    f"{int((labels == UNLABELLED).sum())} train images are unlabelled (empty "
+                    "label cells): set data.m_per_class=null"
+                )
             return MPerClassSampler(labels, self.m_per_class, self.batch_size, self.seed)
         if dist.is_available() and dist.is_initialized():
             return ResumableDistributedSampler(range(dataset_size), shuffle=True, seed=self.seed)
@@ -327,7 +358,7 @@ class StoreDataModule(LightningDataModule):
         )
 
     def bank_dataloader(self) -> DataLoader:
-        return self._loader(self.train_indices, self.eval_batch_size, False)
+        return self._loader(self.bank_indices, self.eval_batch_size, False)
 
     def query_dataloader(self, split: str = "val") -> DataLoader:
         rows = self.val_indices if split == "val" else self.test_indices

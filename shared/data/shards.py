@@ -53,7 +53,14 @@ from shared.data.object_store import (
     upload,
 )
 from shared.data.publish import build_lock
-from shared.data.sources import FileSource, Source, check_source, decode_image, decode_whole
+from shared.data.sources import (
+    FileSource,
+    Source,
+    check_source,
+    class_counts,
+    decode_image,
+    decode_whole,
+)
 from shared.data.store import (
     announce,
     build_keyed,
@@ -540,7 +547,7 @@ def _row_meta(source, rows: Sequence[int]) -> dict:
         "groups": None if source.groups is None else [source.groups[i] for i in rows],
         "titles": None if titles is None else [titles[i] for i in rows],
         "class_names": list(source.class_names),
-        "class_counts": np.bincount(labels, minlength=len(source.class_names)).tolist(),
+        "class_counts": class_counts(labels, len(source.class_names)),
     }
 
 

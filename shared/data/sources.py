@@ -154,7 +154,7 @@ def _on_background(img, background: tuple[int, int, int]):
 class Source(Protocol):
     """What the image store reads from a data source: one row per image."""
 
-    labels: np.ndarray  # int class of each row (0 .. len(class_names) - 1)
+    labels: np.ndarray  # int class of each row (0 .. len(class_names) - 1; UNLABELLED: none)
     ids: list[str]  # a unique id per row
     class_names: list[str]
     groups: list | None  # each row's group (for data.split_by=group), or None
@@ -171,6 +171,15 @@ class Source(Protocol):
         ...
 
     def corrupt_error(self, bad: list[int]) -> Exception: ...
+
+
+UNLABELLED = -1  # the label of a row without one: trained on without labels, never scored
+
+
+def class_counts(labels, num_classes: int) -> list[int]:
+    """Images per class; unlabelled rows count for none."""
+    labels = np.asarray(labels)
+    return np.bincount(labels[labels != UNLABELLED], minlength=num_classes).tolist()
 
 
 def check_source(source) -> None:
@@ -293,7 +302,8 @@ class FolderSource(FileSource):
 class CsvSource(FileSource):
     """A CSV with an image column (paths relative to `image_dir`) and a label column; with
     `group_col`, a column of groups (the same item shot twice, near-duplicates) that
-    `data.split_by=group` keeps on one side of every split."""
+    `data.split_by=group` keeps on one side of every split. A row whose label cell is empty
+    is unlabelled (`UNLABELLED`): always in train, never in an evaluation."""
 
     def __init__(
         self,
@@ -337,7 +347,13 @@ class CsvSource(FileSource):
                 f"{self.image_dir}, e.g. {absent[:5]}"
             )
         if label_col:
-            names, labels = np.unique(df[label_col].to_numpy(), return_inverse=True)
+            # An empty label cell: an unlabelled row (a catalog's extra images), which
+            # self-supervised training uses and no split scores.
+            values = df[label_col].str.strip().to_numpy()
+            labelled = values != ""
+            names, codes = np.unique(values[labelled], return_inverse=True)
+            labels = np.full(len(df), UNLABELLED, dtype=np.int64)
+            labels[labelled] = codes
         else:  # unlabelled postings (inference): one placeholder class
             names, labels = np.array(["unlabelled"]), np.zeros(len(df), dtype=np.int64)
         self.class_names = [str(n) for n in names]

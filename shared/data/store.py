@@ -29,7 +29,7 @@ from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 from shared.data.publish import build_once
-from shared.data.sources import Source, check_source
+from shared.data.sources import Source, check_source, class_counts
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def _write_store(
         "ids": [source.ids[i] for i in keep],
         "groups": None if source.groups is None else [source.groups[i] for i in keep],
         "class_names": list(source.class_names),
-        "class_counts": np.bincount(labels, minlength=len(source.class_names)).tolist(),
+        "class_counts": class_counts(labels, len(source.class_names)),
     }
 
 

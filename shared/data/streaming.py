@@ -39,6 +39,7 @@ from shared.data.shards import (
     shard_damage,
     write_chunks,
 )
+from shared.data.sources import class_counts
 from shared.data.store import announce, build_keyed
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def build_train_store(
             "num_skipped": 0,
             "labels": labels.tolist(),
             **pick,
-            "class_counts": torch.bincount(labels, minlength=store.num_classes).tolist(),
+            "class_counts": class_counts(labels.numpy(), store.num_classes),
             **found,
         }
         (tmp / "meta.json").write_text(json.dumps(meta))

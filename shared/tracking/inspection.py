@@ -38,12 +38,12 @@ def find_run_dir(run_dir: str | os.PathLike | None, pipeline: str) -> Path:
 
 
 def split_embeddings(run, batch_size: int = 256) -> dict[str, dict[str, np.ndarray]]:
-    """{"bank": train rows, "query": validation rows}, each {"index", "embeddings", "labels"}
-    (the layout `EmbeddingCallback.gathered()` gives evaluators)."""
+    """{"bank": labelled train rows, "query": validation rows}, each {"index", "embeddings",
+    "labels"} (the layout `EmbeddingCallback.gathered()` gives evaluators)."""
     dm = run.datamodule
     dm.setup()
     out = {}
-    for name, rows in (("bank", dm.train_indices), ("query", dm.val_indices)):
+    for name, rows in (("bank", dm.bank_indices), ("query", dm.val_indices)):
         rows = np.asarray(rows)
         out[name] = {
             "index": rows,
