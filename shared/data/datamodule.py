@@ -303,6 +303,15 @@ class StoreDataModule(LightningDataModule):
             self.store.labels[torch.as_tensor(self.train_indices)].numpy() != UNLABELLED
         ]
 
+    def require_labelled_train(self, needed_by: str) -> None:
+        """ValueError unless every train image has a label (`needed_by` names who needs it)."""
+        unlabelled = len(self.train_indices) - len(self.bank_indices)
+        if unlabelled:
+            raise ValueError(
+                f"{unlabelled} train images are unlabelled (empty label cells): {needed_by} "
+                "needs a label for every training image"
+            )
+
     def _loader(
         self, indices, batch_size: int, drop_last: bool, transform=None, sampler=None
     ) -> DataLoader:
@@ -330,13 +339,8 @@ class StoreDataModule(LightningDataModule):
         the `DistributedSampler` Lightning would add (its seed), otherwise `RandomSampler`'s
         order. Each can resume inside an epoch."""
         if self.m_per_class is not None:
+            self.require_labelled_train(f"data.m_per_class={self.m_per_class} (or null)")
             labels = self.store.labels[torch.as_tensor(self.train_indices)].numpy()
-            if (labels == UNLABELLED).any():
-                raise ValueError(
-                    f"data.m_per_class={self.m_per_class} samples by class, but "
-                    f"{int((labels == UNLABELLED).sum())} train images are unlabelled (empty "
-                    "label cells): set data.m_per_class=null"
-                )
             return MPerClassSampler(labels, self.m_per_class, self.batch_size, self.seed)
         if dist.is_available() and dist.is_initialized():
             return ResumableDistributedSampler(range(dataset_size), shuffle=True, seed=self.seed)

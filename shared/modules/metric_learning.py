@@ -105,11 +105,7 @@ class MetricLearningModule(EmbeddingModule):
 
     def _build_from_data(self) -> None:
         dm = self.trainer.datamodule
-        if len(dm.bank_indices) < len(dm.train_indices):
-            raise ValueError(
-                f"{len(dm.train_indices) - len(dm.bank_indices)} train images are unlabelled "
-                "(empty label cells): metric learning needs a label for every training image"
-            )
+        dm.require_labelled_train("metric learning")
         all_counts = dm.train_class_counts()  # per store label
         train_labels = [c for c, n in enumerate(all_counts) if n > 0]
         counts = [all_counts[c] for c in train_labels]
